@@ -1,0 +1,39 @@
+"""hf-lossfree-moe: auxiliary-loss-free load balancing (Wang et al., 2024) for Hugging Face Transformers.
+
+Importing the package registers `LossFreeMoe` with the Auto classes and marks its classes for
+`save_pretrained` to write their code, so saved folders load with `trust_remote_code=True`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_lossfree_moe import LossFreeMoeConfig
+from .modeling_lossfree_moe import (
+    LossFreeMoeExperts,
+    LossFreeMoeForCausalLM,
+    LossFreeMoeModel,
+    LossFreeMoePreTrainedModel,
+    LossFreeMoeSparseMoeBlock,
+    LossFreeMoeTopkRouter,
+    sequence_balance_loss,
+)
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(LossFreeMoeConfig.model_type, LossFreeMoeConfig, exist_ok=True)
+AutoModel.register(LossFreeMoeConfig, LossFreeMoeModel, exist_ok=True)
+AutoModelForCausalLM.register(LossFreeMoeConfig, LossFreeMoeForCausalLM, exist_ok=True)
+LossFreeMoeConfig.register_for_auto_class()
+LossFreeMoeModel.register_for_auto_class("AutoModel")
+LossFreeMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "LossFreeMoeConfig",
+    "LossFreeMoeExperts",
+    "LossFreeMoeForCausalLM",
+    "LossFreeMoeModel",
+    "LossFreeMoePreTrainedModel",
+    "LossFreeMoeSparseMoeBlock",
+    "LossFreeMoeTopkRouter",
+    "sequence_balance_loss",
+]

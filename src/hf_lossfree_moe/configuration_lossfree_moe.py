@@ -1,0 +1,271 @@
+"""Configuration of LossFreeMoe, a DeepSeekMoE-style causal LM routed with auxiliary-loss-free load balancing.
+
+Field names follow transformers' MoE models (DeepSeek-V3, GLM-4.5) so tools and users recognise them. Defaults are
+the paper's (Wang et al., arXiv 2408.15664): sigmoid gate, un-normalised gate values, sign rule with u = 1e-3.
+This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+LOAD_BALANCING_METHODS = ("loss_free", "aux_loss", "none")
+BIAS_UPDATE_RULES = ("sign", "error")
+BIAS_TYPES = ("additive", "multiplicative")
+
+# The paper's alpha for the loss-controlled baseline with a sigmoid gate (3e-4 is its softmax-gate value).
+PAPER_AUX_LOSS_COEF = 1e-3
+
+
+@strict
+class LossFreeMoeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`LossFreeMoeModel`]: shared experts plus fine-grained routed experts whose top-K selection
+    adds a per-expert bias (`e_score_correction_bias`) to the routing scores. The bias only chooses experts; gate
+    values come from the unbiased scores. `LossFreeBalancer` updates the bias once per optimizer step.
+
+    Args:
+        vocab_size (`int`, defaults to 32000): Vocabulary size.
+        hidden_size (`int`, defaults to 1024): Width of the residual stream.
+        intermediate_size (`int`, defaults to 2816): Hidden width of the dense SwiGLU FFN of the first
+            `first_k_dense_replace` layers.
+        moe_intermediate_size (`int`, defaults to 352): Hidden width of one routed or shared expert.
+        num_hidden_layers (`int`, defaults to 12): Number of decoder layers.
+        num_attention_heads (`int`, defaults to 16): Query heads; must divide `hidden_size`.
+        num_key_value_heads (`int`, defaults to 16): Key/value heads (grouped-query attention); must divide
+            `num_attention_heads`.
+        hidden_act (`str`, defaults to `"silu"`): Activation of the SwiGLU gates.
+        max_position_embeddings (`int`, defaults to 4096): Longest sequence the rotary embedding is sized for.
+        initializer_range (`float`, defaults to 0.02): Std of the normal initialisation.
+        rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
+        use_cache (`bool`, defaults to `True`): Return a KV cache from forward.
+        tie_word_embeddings (`bool`, defaults to `False`): Share the input embedding with the LM head.
+        rope_parameters (`dict`, *optional*): Rotary embedding parameters, as in transformers (`rope_theta`,
+            `rope_type`, ...). `rope_theta` may also be passed on its own.
+        attention_bias (`bool`, defaults to `False`): Bias in the attention projections.
+        attention_dropout (`float`, defaults to 0.0): Dropout on attention probabilities, in [0, 1).
+        n_routed_experts (`int`, defaults to 64): Routed experts per MoE layer (the paper: 64).
+        n_shared_experts (`int`, defaults to 2): Always-on shared experts per MoE layer (the paper: 2); 0 disables.
+        num_experts_per_tok (`int`, defaults to 6): Routed experts per token, K (the paper: 6).
+        first_k_dense_replace (`int`, defaults to 1): Leading layers with a dense FFN instead of an MoE
+            (DeepSeekMoE keeps the first layer dense).
+        n_group (`int`, defaults to 1): Expert groups for group-limited routing (DeepSeek-V3); 1 disables it.
+        topk_group (`int`, defaults to 1): Groups a token may route to when `n_group > 1`.
+        norm_topk_prob (`bool`, defaults to `False`): Normalise the K gate values to sum to 1. The paper does not;
+            DeepSeek-V3 does.
+        routed_scaling_factor (`float`, defaults to 1.0): Multiplier on the routed gate values (DeepSeek-V3: 2.5).
+        scoring_func (`str`, defaults to `"sigmoid"`): `"sigmoid"` (the paper's main setting) or `"softmax"`
+            (its ablation).
+        load_balancing (`str`, defaults to `"loss_free"`): `"loss_free"` (biased top-K, bias updated by
+            `LossFreeBalancer`), `"aux_loss"` (the paper's loss-controlled baseline) or `"none"`.
+        bias_update_rate (`float`, defaults to 1e-3): The update rate u of Algorithm 1 (the paper and DeepSeek-V3:
+            1e-3); 0 keeps the bias fixed.
+        bias_update_rule (`str`, defaults to `"sign"`): `"sign"`: `b += u * sign(mean - c)` (Algorithm 1);
+            `"error"`: `b += u * (mean - c) / mean` (the paper's ablation).
+        bias_type (`str`, defaults to `"additive"`): `"additive"`: select on `s + b`, b starts at 0;
+            `"multiplicative"`: select on `s * b`, b starts at 1 (the paper's ablation).
+        router_aux_loss_coef (`float`, *optional*): Weight alpha of the sequence-wise balance loss
+            `alpha * sum_i f_i P_i`, summed over MoE layers. With `"aux_loss"` it must be > 0 and defaults to 1e-3,
+            the paper's value for a sigmoid gate (3e-4 for softmax). With `"loss_free"` it defaults to 0; a value > 0
+            adds DeepSeek-V3's complementary sequence-wise loss (DeepSeek-V3: 1e-4). Must be 0 with `"none"`.
+        output_router_logits (`bool`, defaults to `False`): Return every MoE layer's router logits.
+        pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): Special token ids.
+
+    Example:
+
+    ```python
+    >>> from hf_lossfree_moe import LossFreeMoeConfig, LossFreeMoeForCausalLM
+
+    >>> config = LossFreeMoeConfig(hidden_size=128, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2)
+    >>> model = LossFreeMoeForCausalLM(config)
+    >>> model.model.layers[1].mlp.gate.e_score_correction_bias.dtype
+    torch.float32
+    ```
+    """
+
+    model_type = "lossfree_moe"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {"num_local_experts": "n_routed_experts"}
+
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    moe_intermediate_size: int = 352
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    n_routed_experts: int = 64
+    n_shared_experts: int = 2
+    num_experts_per_tok: int = 6
+    first_k_dense_replace: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float | int = 1.0
+    scoring_func: str = "sigmoid"
+    load_balancing: str = "loss_free"
+    bias_update_rate: float | int = 1e-3
+    bias_update_rule: str = "sign"
+    bias_type: str = "additive"
+    router_aux_loss_coef: float | int | None = None
+    output_router_logits: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = PAPER_AUX_LOSS_COEF if self.load_balancing == "aux_loss" else 0.0
+        super().__post_init__(**kwargs)
+        self._check_values()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def _require(self, condition: bool, field: str, allowed: str):
+        if not condition:
+            raise ValueError(f"LossFreeMoeConfig.{field} must be {allowed}, got {getattr(self, field)!r}.")
+
+    def _check_values(self):
+        """Raise `ValueError` naming the field and the allowed values; nothing is clamped."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+        ):
+            self._require(getattr(self, name) > 0, name, "a positive integer")
+        for name in ("n_shared_experts", "first_k_dense_replace"):
+            self._require(getattr(self, name) >= 0, name, "a non-negative integer")
+        for name, allowed in (
+            ("scoring_func", SCORING_FUNCS),
+            ("load_balancing", LOAD_BALANCING_METHODS),
+            ("bias_update_rule", BIAS_UPDATE_RULES),
+            ("bias_type", BIAS_TYPES),
+        ):
+            self._require(getattr(self, name) in allowed, name, f"one of {allowed}")
+        self._require(self.hidden_act in ACT2FN, "hidden_act", f"one of {sorted(ACT2FN)}")
+
+        self._require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size",
+            f"a multiple of num_attention_heads={self.num_attention_heads}",
+        )
+        self._require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_attention_heads",
+            f"a multiple of num_key_value_heads={self.num_key_value_heads}",
+        )
+        self._require(
+            self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            f"at most num_hidden_layers={self.num_hidden_layers}",
+        )
+        self._require(
+            self.num_experts_per_tok <= self.n_routed_experts,
+            "num_experts_per_tok",
+            f"at most n_routed_experts={self.n_routed_experts}",
+        )
+        self._require(
+            self.n_routed_experts % self.n_group == 0,
+            "n_group",
+            f"a divisor of n_routed_experts={self.n_routed_experts}",
+        )
+        self._require(self.topk_group <= self.n_group, "topk_group", f"at most n_group={self.n_group}")
+        experts_in_kept_groups = self.topk_group * (self.n_routed_experts // self.n_group)
+        self._require(
+            experts_in_kept_groups >= self.num_experts_per_tok,
+            "topk_group",
+            f"large enough that the kept groups hold at least num_experts_per_tok={self.num_experts_per_tok} "
+            f"experts (they hold {experts_in_kept_groups})",
+        )
+
+        self._require(_finite(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
+        self._require(
+            _finite(self.initializer_range) and self.initializer_range >= 0, "initializer_range", "a number >= 0"
+        )
+        self._require(
+            _finite(self.attention_dropout) and 0 <= self.attention_dropout < 1, "attention_dropout", "in [0, 1)"
+        )
+        self._require(
+            _finite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+            "routed_scaling_factor",
+            "a positive number",
+        )
+        self._require(
+            _finite(self.bias_update_rate) and self.bias_update_rate >= 0,
+            "bias_update_rate",
+            "a number >= 0 (the paper uses 1e-3)",
+        )
+        self._require(
+            _finite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
+            "router_aux_loss_coef",
+            "a number >= 0",
+        )
+        if self.load_balancing == "aux_loss":
+            self._require(
+                self.router_aux_loss_coef > 0,
+                "router_aux_loss_coef",
+                "> 0 with load_balancing='aux_loss' (the paper uses 1e-3 for a sigmoid gate, 3e-4 for softmax)",
+            )
+        if self.load_balancing == "none":
+            self._require(
+                self.router_aux_loss_coef == 0,
+                "router_aux_loss_coef",
+                "0 with load_balancing='none' (choose 'aux_loss' to train with a balance loss)",
+            )
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+__all__ = ["LossFreeMoeConfig"]
