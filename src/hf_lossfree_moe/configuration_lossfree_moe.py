@@ -37,8 +37,8 @@ class LossFreeMoeConfig(PreTrainedConfig):
         moe_intermediate_size (`int`, defaults to 352): Hidden width of one routed or shared expert.
         num_hidden_layers (`int`, defaults to 12): Number of decoder layers.
         num_attention_heads (`int`, defaults to 16): Query heads; must divide `hidden_size`.
-        num_key_value_heads (`int`, defaults to 16): Key/value heads (grouped-query attention); must divide
-            `num_attention_heads`.
+        num_key_value_heads (`int`, *optional*): Key/value heads (grouped-query attention); must divide
+            `num_attention_heads`. Defaults to `num_attention_heads` (multi-head attention).
         hidden_act (`str`, defaults to `"silu"`): Activation of the SwiGLU gates.
         max_position_embeddings (`int`, defaults to 4096): Longest sequence the rotary embedding is sized for.
         initializer_range (`float`, defaults to 0.02): Std of the normal initialisation.
@@ -119,7 +119,7 @@ class LossFreeMoeConfig(PreTrainedConfig):
     moe_intermediate_size: int = 352
     num_hidden_layers: int = 12
     num_attention_heads: int = 16
-    num_key_value_heads: int = 16
+    num_key_value_heads: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
@@ -149,6 +149,8 @@ class LossFreeMoeConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = PAPER_AUX_LOSS_COEF if self.load_balancing == "aux_loss" else 0.0
         super().__post_init__(**kwargs)

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+
+from hf_lossfree_moe import LossFreeMoeConfig
+
+
+def test_defaults_follow_the_paper():
+    config = LossFreeMoeConfig()
+    assert config.model_type == "lossfree_moe"
+    assert config.scoring_func == "sigmoid"
+    assert config.load_balancing == "loss_free"
+    assert config.bias_update_rate == 1e-3
+    assert config.bias_update_rule == "sign"
+    assert config.bias_type == "additive"
+    assert config.norm_topk_prob is False
+    assert config.routed_scaling_factor == 1.0
+    assert config.router_aux_loss_coef == 0.0
+    assert (config.n_routed_experts, config.n_shared_experts, config.num_experts_per_tok) == (64, 2, 6)
+
+
+def test_aux_loss_coef_defaults_to_paper_alpha_only_for_aux_loss():
+    assert LossFreeMoeConfig(load_balancing="aux_loss").router_aux_loss_coef == 1e-3
+    assert LossFreeMoeConfig(load_balancing="none").router_aux_loss_coef == 0.0
+    assert LossFreeMoeConfig(router_aux_loss_coef=1e-4).router_aux_loss_coef == 1e-4
+
+
+def test_key_value_heads_default_to_attention_heads():
+    assert LossFreeMoeConfig(hidden_size=64, num_attention_heads=8).num_key_value_heads == 8
+
+
+def test_rope_theta_is_accepted_as_transformers_does(tiny_config):
+    config = tiny_config(rope_theta=50_000.0)
+    assert config.rope_parameters["rope_theta"] == 50_000.0
+    assert config.rope_parameters["rope_type"] == "default"
+
+
+def test_num_local_experts_alias(tiny_config):
+    assert tiny_config().num_local_experts == 8
+
+
+def test_json_round_trip(tmp_path, tiny_config):
+    config = tiny_config(bias_update_rule="error", bias_type="multiplicative", n_group=2, topk_group=1)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["bias_update_rule"] == "error"
+    reloaded = LossFreeMoeConfig.from_pretrained(tmp_path)
+    for field in ("bias_update_rule", "bias_type", "n_group", "topk_group", "n_routed_experts"):
+        assert getattr(reloaded, field) == getattr(config, field)
+
+
+INVALID = [
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok", "at most n_routed_experts=8"),
+    ({"n_group": 3}, "n_group", "a divisor of n_routed_experts=8"),
+    ({"n_group": 2, "topk_group": 3}, "topk_group", "at most n_group=2"),
+    ({"n_group": 4, "topk_group": 1, "num_experts_per_tok": 3}, "topk_group", "kept groups hold"),
+    ({"bias_update_rate": -1e-3}, "bias_update_rate", ">= 0"),
+    ({"bias_update_rate": float("nan")}, "bias_update_rate", ">= 0"),
+    ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef", ">= 0"),
+    ({"load_balancing": "aux_loss", "router_aux_loss_coef": 0.0}, "router_aux_loss_coef", "> 0"),
+    ({"load_balancing": "none", "router_aux_loss_coef": 1e-3}, "router_aux_loss_coef", "0 with"),
+    ({"scoring_func": "relu"}, "scoring_func", "'sigmoid', 'softmax'"),
+    ({"load_balancing": "lossfree"}, "load_balancing", "'loss_free', 'aux_loss', 'none'"),
+    ({"bias_update_rule": "signum"}, "bias_update_rule", "'sign', 'error'"),
+    ({"bias_type": "mult"}, "bias_type", "'additive', 'multiplicative'"),
+    ({"hidden_act": "swish2"}, "hidden_act", "one of"),
+    ({"hidden_size": 0}, "hidden_size", "positive"),
+    ({"vocab_size": -5}, "vocab_size", "positive"),
+    ({"n_routed_experts": 0}, "n_routed_experts", "positive"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers", "positive"),
+    ({"moe_intermediate_size": 0}, "moe_intermediate_size", "positive"),
+    ({"n_shared_experts": -1}, "n_shared_experts", "non-negative"),
+    ({"first_k_dense_replace": 4}, "first_k_dense_replace", "at most num_hidden_layers=3"),
+    ({"hidden_size": 66}, "hidden_size", "multiple of num_attention_heads=4"),
+    ({"num_key_value_heads": 3}, "num_attention_heads", "multiple of num_key_value_heads=3"),
+    ({"routed_scaling_factor": 0.0}, "routed_scaling_factor", "positive"),
+    ({"attention_dropout": 1.0}, "attention_dropout", "[0, 1)"),
+    ({"rms_norm_eps": 0.0}, "rms_norm_eps", "positive"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,allowed", INVALID, ids=[case[1] + str(i) for i, case in enumerate(INVALID)])
+def test_invalid_values_raise_naming_field_and_allowed_values(tiny_config, overrides, field, allowed):
+    with pytest.raises(ValueError) as error:
+        tiny_config(**overrides)
+    message = str(error.value)
+    assert f"LossFreeMoeConfig.{field} must be" in message
+    assert allowed in message
