@@ -63,6 +63,15 @@ def test_large_bias_forces_expert_but_never_weights_it(tiny_config):
     assert torch.equal(picked_other, others.argmax(dim=-1))
 
 
+def test_router_computes_in_float32_under_autocast(tiny_config):
+    router = make_router(tiny_config)
+    hidden = torch.randn(16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, weights, _ = router(hidden.bfloat16())
+    assert logits.dtype == weights.dtype == torch.float32
+    torch.testing.assert_close(logits, hidden.bfloat16().float() @ router.weight.T)
+
+
 def test_without_bias_selection_is_plain_top_k(tiny_config):
     router = make_router(tiny_config)
     hidden = torch.randn(16, 64)

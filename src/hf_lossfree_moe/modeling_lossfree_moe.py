@@ -110,7 +110,9 @@ class LossFreeMoeTopkRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        router_logits = F.linear(hidden_states.float(), self.weight.float())  # (T, E)
+        # fp32 even under autocast (Trainer's --bf16): near-tied scores must not flip with rounding.
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            router_logits = F.linear(hidden_states.float(), self.weight.float())  # (T, E)
         scores = self.score(router_logits)  # (T, E)
         topk_indices = self.select(scores)  # (T, K)
         topk_weights = scores.gather(1, topk_indices)  # (T, K): unbiased scores, the bias never weights
