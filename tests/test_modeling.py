@@ -309,3 +309,15 @@ def test_loss_free_model_adds_no_aux_loss_by_default(tiny_config):
     torch.testing.assert_close(
         out.loss, F.cross_entropy(out.logits[:, :-1].reshape(-1, 128), input_ids[:, 1:].reshape(-1))
     )
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_config):
+    model = LossFreeMoeForCausalLM(tiny_config()).train()
+    input_ids = torch.randint(3, 128, (2, 6))
+    model(input_ids, labels=input_ids).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(input_ids, labels=input_ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
