@@ -6,7 +6,10 @@ Importing the package registers `LossFreeMoe` with the Auto classes and marks it
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .balancing import LoadMeasurement, LossFreeBalancer, RouterAdapter, maxvio, register_router_adapter
+from .callbacks import LossFreeBalancingCallback, add_balancing_callback
 from .configuration_lossfree_moe import LossFreeMoeConfig
+from .metrics import MAXVIO_METRIC_PATH
 from .modeling_lossfree_moe import (
     LossFreeMoeExperts,
     LossFreeMoeForCausalLM,
@@ -28,6 +31,14 @@ LossFreeMoeModel.register_for_auto_class("AutoModel")
 LossFreeMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "MAXVIO_METRIC_PATH",
+    "LoadMeasurement",
+    "LossFreeBalancer",
+    "LossFreeBalancingCallback",
+    "RouterAdapter",
+    "add_balancing_callback",
+    "maxvio",
+    "register_router_adapter",
     "LossFreeMoeConfig",
     "LossFreeMoeExperts",
     "LossFreeMoeForCausalLM",

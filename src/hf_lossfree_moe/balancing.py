@@ -1,0 +1,584 @@
+"""LossFreeBalancer: counts expert loads from outside the model and updates the router biases (Algorithm 1).
+
+The model routes; this module balances. Forward hooks on every router count how many tokens each expert received
+(padding excluded, training forwards only, never twice under activation checkpointing). `step()`, called once per
+optimizer step, sums the counts over data-parallel ranks in one collective and moves every bias in place, in fp32:
+`b += u * sign(mean(c) - c)`. Routers are found by behaviour (a module holding `e_score_correction_bias` whose forward
+returns `(router_logits, topk_weights, topk_indices)`, the DeepSeek-V3 contract), so transformers' MoE families with
+that router work as they are; families with another layout plug in through `register_router_adapter`.
+"""
+
+import inspect
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+
+
+BIAS_NAME = "e_score_correction_bias"
+UPDATE_RULES = ("sign", "error")
+BIAS_TYPES = ("additive", "multiplicative")
+# Used when the model's config does not say (e.g. transformers' DeepSeek-V3): the paper's and DeepSeek-V3's values.
+DEFAULT_UPDATE_RATE = 1e-3
+DEFAULT_UPDATE_RULE = "sign"
+DEFAULT_BIAS_TYPE = "additive"
+NEUTRAL_BIAS = {"additive": 0.0, "multiplicative": 1.0}
+
+
+@dataclass(frozen=True)
+class RouterAdapter:
+    """How the balancer reads one family of routers.
+
+    Attributes:
+        name: The family's name, shown in errors; registering a second adapter with the same name replaces the first.
+        is_router: Whether a module is a router of the family: the module whose forward output holds the top-K
+            expert indices of the tokens it routed.
+        bias_location: `(owner, attribute)` of the router's correction bias, a buffer or parameter with one entry
+            per expert. The balancer updates it in place.
+        topk_indices: The `(T, K)` integer expert indices, read from the router's forward output.
+    """
+
+    name: str
+    is_router: Callable[[nn.Module], bool]
+    bias_location: Callable[[nn.Module], tuple[nn.Module, str]]
+    topk_indices: Callable[[nn.Module, Any], torch.Tensor]
+
+
+def _holds_bias(module: nn.Module) -> bool:
+    own_tensors = (name for name, _ in (*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)))
+    return BIAS_NAME in own_tensors
+
+
+def _deepseek_v3_topk_indices(router: nn.Module, output: Any) -> torch.Tensor:
+    indices = output[-1] if isinstance(output, tuple) and len(output) == 3 else None
+    if not (
+        isinstance(indices, torch.Tensor)
+        and indices.dim() == 2
+        and not indices.is_floating_point()
+        and not indices.is_complex()
+    ):
+        raise ValueError(
+            f"{type(router).__name__} holds `{BIAS_NAME}`, but its forward does not return "
+            "(router_logits, topk_weights, topk_indices) with integer topk_indices of shape (tokens, top_k). Tell "
+            "LossFreeBalancer how to read this router: register a `RouterAdapter` with `register_router_adapter`."
+        )
+    return indices
+
+
+DEEPSEEK_V3_ADAPTER = RouterAdapter(
+    name="deepseek_v3",
+    is_router=_holds_bias,
+    bias_location=lambda router: (router, BIAS_NAME),
+    topk_indices=_deepseek_v3_topk_indices,
+)
+_FAMILY_ADAPTERS: dict[str, RouterAdapter] = {}
+
+
+def register_router_adapter(adapter: RouterAdapter) -> None:
+    """Teach `LossFreeBalancer` a router family; family adapters are tried before the DeepSeek-V3 default."""
+    if not isinstance(adapter, RouterAdapter):
+        raise ValueError(f"adapter must be a RouterAdapter, got {type(adapter).__name__}.")
+    _FAMILY_ADAPTERS[adapter.name] = adapter
+
+
+@dataclass(frozen=True)
+class FoundRouter:
+    """A router found in a model: its qualified name, the module, the adapter that reads it, where its bias is."""
+
+    name: str
+    module: nn.Module
+    adapter: RouterAdapter
+    bias_owner: nn.Module
+    bias_attr: str
+
+
+def find_routers(model: nn.Module) -> list[FoundRouter]:
+    """Every router of `model` in module order (layer order), each with the adapter that reads it.
+
+    A module the default adapter would pick whose bias a family router already claims (e.g. a module that only
+    stores the bias for its router) is left out, so no bias is counted twice.
+    """
+    adapters = [*_FAMILY_ADAPTERS.values(), DEEPSEEK_V3_ADAPTER]
+    found = []
+    for name, module in model.named_modules():
+        adapter = next((adapter for adapter in adapters if adapter.is_router(module)), None)
+        if adapter is not None:
+            owner, attr = adapter.bias_location(module)
+            found.append(FoundRouter(name, module, adapter, owner, attr))
+    claimed = {(id(r.bias_owner), r.bias_attr) for r in found if r.adapter is not DEEPSEEK_V3_ADAPTER}
+    return [r for r in found if r.adapter is not DEEPSEEK_V3_ADAPTER or (id(r.module), BIAS_NAME) not in claimed]
+
+
+def maxvio(loads: torch.Tensor) -> torch.Tensor:
+    """MaxVio `(max_i load_i - mean load) / mean load` of each layer: `(L, E) -> (L,)` (or `(E,) -> ()`), fp64."""
+    if not isinstance(loads, torch.Tensor) or loads.dim() not in (1, 2) or loads.size(-1) == 0:
+        raise ValueError(f"loads must be a (layers, experts) or (experts,) tensor, got {loads!r}.")
+    loads = loads.detach().double()
+    if not torch.isfinite(loads).all() or (loads < 0).any():
+        raise ValueError(f"loads must be finite and >= 0, got {loads}.")
+    mean = loads.mean(dim=-1)
+    if (mean == 0).any():
+        raise ValueError("MaxVio is undefined for a layer that received no tokens (its loads sum to 0).")
+    return (loads.amax(dim=-1) - mean) / mean
+
+
+class _ExpertCounts:
+    """Exact token counts per router and expert: int64, on each router's device.
+
+    Plain tensors held by the balancer, never module buffers: DDP broadcasts module buffers from rank 0 before every
+    forward (`broadcast_buffers=True`) and would overwrite rank-local counts.
+    """
+
+    def __init__(self, num_routers: int, num_experts: int):
+        self.num_experts = num_experts
+        self._counts: list[torch.Tensor | None] = [None] * num_routers
+
+    def add(self, index: int, topk_indices: torch.Tensor, token_mask: torch.Tensor | None):
+        """Count the `(T, K)` expert indices of one router call; `token_mask` (T,) int64 is 0 for padding."""
+        counts = self._counts[index]
+        if counts is None:
+            counts = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_indices.device)
+        counts = counts.to(topk_indices.device)
+        if token_mask is None:
+            per_choice = torch.ones_like(topk_indices, dtype=torch.int64)  # (T, K)
+        else:
+            per_choice = token_mask.unsqueeze(-1).expand_as(topk_indices)  # (T, K)
+        self._counts[index] = counts.index_add_(0, topk_indices.reshape(-1), per_choice.reshape(-1))
+
+    def stacked(self, device: torch.device) -> torch.Tensor:
+        """(routers, experts) copy of the counts on `device`."""
+        rows = [
+            torch.zeros(self.num_experts, dtype=torch.int64, device=device) if counts is None else counts.to(device)
+            for counts in self._counts
+        ]
+        return torch.stack(rows)
+
+    def reset(self):
+        for counts in self._counts:
+            if counts is not None:
+                counts.zero_()
+
+
+class LoadMeasurement:
+    """Expert loads of forwards counted apart from the training loads, e.g. over a validation set.
+
+    Made by `LossFreeBalancer.measure()`. Inside the `with` block every router forward is counted here and not
+    toward the next `step()`; with `eval_only=True` only forwards of routers in eval mode are, and training forwards
+    keep counting toward `step()`. Under `torch.distributed` every rank must leave the block (or call `stop()`):
+    the counts are summed over the balancer's process group there, so `loads` are the global loads.
+
+    Example:
+
+    ```python
+    >>> with balancer.measure() as measurement:
+    ...     for batch in val_loader:
+    ...         model(**batch)
+    >>> measurement.maxvio_global  # MaxVio_global of the paper: mean over MoE layers
+    ```
+    """
+
+    def __init__(self, balancer: "LossFreeBalancer", eval_only: bool):
+        self.balancer = balancer
+        self.eval_only = eval_only
+        self._counts = _ExpertCounts(len(balancer.routers), balancer.num_experts)
+        self._loads: torch.Tensor | None = None
+
+    def start(self) -> "LoadMeasurement":
+        """Start counting (what `with` does on entry)."""
+        self.balancer._start_measurement(self)
+        return self
+
+    def stop(self) -> "LoadMeasurement":
+        """Stop counting and sum the counts over the data-parallel ranks."""
+        self.balancer._stop_measurement(self)
+        loads = self._counts.stacked(self.balancer.device)
+        self.balancer._all_reduce(loads)
+        self._loads = loads
+        return self
+
+    def reset(self):
+        """Forget what was counted so far (no collective)."""
+        self._counts.reset()
+
+    def accepts(self, router_training: bool) -> bool:
+        """Whether a forward of a router in this training mode is counted here."""
+        return not (self.eval_only and router_training)
+
+    def __enter__(self) -> "LoadMeasurement":
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @property
+    def loads(self) -> torch.Tensor:
+        """(routers, experts) int64 loads: global once stopped, this rank's while counting."""
+        return self._counts.stacked(self.balancer.device) if self._loads is None else self._loads.clone()
+
+    @property
+    def maxvio_global(self) -> float:
+        """MaxVio of `loads`, averaged over layers (the paper's MaxVio_global over a validation set)."""
+        return maxvio(self.loads).mean().item()
+
+
+_BALANCER_OF_ROUTER: "weakref.WeakKeyDictionary[nn.Module, LossFreeBalancer]" = weakref.WeakKeyDictionary()
+
+
+class LossFreeBalancer:
+    r"""Auxiliary-loss-free load balancing (Wang et al., 2024, Algorithm 1) for any model with biased top-K routers.
+
+    Hooks count, per router, the tokens each expert received: exact int64 counts, padding excluded (the 2-D
+    `attention_mask` the model was called with), only in training-mode forwards, and never during backward, so
+    activation-checkpoint recomputation (reentrant or not) does not count tokens twice. Counts accumulate over
+    micro-batches until `step()`, which you call once after each `optimizer.step()`.
+
+    Forwards of a model in training mode under `torch.no_grad()` are counted too: reentrant checkpointing runs the
+    real forward without grad, so grad mode cannot tell them apart. Put the model in eval mode, or use `measure()`,
+    for forwards that must not steer the biases.
+
+    Args:
+        model: The model, possibly wrapped by DDP, FSDP or Accelerate. Its routers are found by behaviour.
+        update_rate (`float`, *optional*): u; defaults to `model.config.bias_update_rate`, else 1e-3. 0 only measures.
+        rule (`str`, *optional*): `"sign"`: `b += u * sign(mean - c)` (Algorithm 1); `"error"`:
+            `b += u * (mean - c) / mean`. Defaults to `model.config.bias_update_rule`, else `"sign"`.
+        bias_type (`str`, *optional*): `"additive"` (routers select on `s + b`, neutral bias 0) or
+            `"multiplicative"` (they select on `s * b`, neutral bias 1). Defaults to `model.config.bias_type`, else
+            `"additive"`. The update is the same rule in both cases (see `step`); the type sets the neutral value
+            the bias statistics are measured from.
+        center (`bool`, defaults to `False`): Subtract each layer's mean update, so the biases of a layer keep their
+            mean (for `"sign"` the mean update is not 0 when fewer experts are over than under the mean load).
+        frozen (`bool`, *optional*): `True` keeps every bias fixed while still measuring loads. `None` (default)
+            keeps fixed the bias of any router whose own weights are all frozen (`requires_grad=False`), so freezing
+            a router freezes its routing. `False` updates every bias.
+        process_group (*optional*): The data-parallel group the counts are summed over; default: the whole world.
+
+    Models whose config says `load_balancing="aux_loss"` or `"none"` are only measured: their biases stay fixed.
+
+    Example:
+
+    ```python
+    >>> balancer = LossFreeBalancer(model)
+    >>> for batch in loader:
+    ...     model(**batch).loss.backward()
+    ...     optimizer.step()
+    ...     optimizer.zero_grad()
+    ...     stats = balancer.step()  # {"maxvio_batch": ..., "maxvio_batch/layer_0": ..., "bias_abs_max": ...}
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        update_rate: float | None = None,
+        rule: str | None = None,
+        bias_type: str | None = None,
+        center: bool = False,
+        frozen: bool | None = None,
+        process_group: "dist.ProcessGroup | None" = None,
+    ):
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
+        config = getattr(model, "config", None)
+        self.update_rate = _setting(update_rate, config, "bias_update_rate", DEFAULT_UPDATE_RATE)
+        self.rule = _setting(rule, config, "bias_update_rule", DEFAULT_UPDATE_RULE)
+        self.bias_type = _setting(bias_type, config, "bias_type", DEFAULT_BIAS_TYPE)
+        _check_settings(self.update_rate, self.rule, self.bias_type, center, frozen)
+        load_balancing = getattr(config, "load_balancing", "loss_free")
+        if load_balancing != "loss_free" and (frozen is False or (update_rate is not None and update_rate > 0)):
+            raise ValueError(
+                f"The model's config.load_balancing is {load_balancing!r}, so its biases stay fixed and the "
+                "balancer only measures loads; leave update_rate and frozen unset (or pass frozen=True)."
+            )
+        self.model = model
+        self.center = center
+        self.frozen = True if load_balancing != "loss_free" else frozen
+        self.process_group = process_group
+
+        found = find_routers(model)
+        if not found:
+            raise ValueError(
+                f"{type(model).__name__} has no router: no module holds `{BIAS_NAME}`. LossFreeBalancer needs biased "
+                "top-K routers (register a `RouterAdapter` with `register_router_adapter` for other layouts)."
+            )
+        num_experts = {getattr(r.bias_owner, r.bias_attr).numel() for r in found}
+        if len(num_experts) != 1:
+            raise ValueError(f"Every router must have the same number of experts, got {sorted(num_experts)}.")
+        taken = [r.name for r in found if r.module in _BALANCER_OF_ROUTER]
+        if taken:
+            raise ValueError(
+                f"A LossFreeBalancer is already attached to {taken[0]!r}; two would count every token twice. "
+                "Call `remove()` on the first one before attaching another."
+            )
+        self._routers = found
+        self.num_experts = num_experts.pop()
+        self._train_counts = _ExpertCounts(len(found), self.num_experts)
+        self._measurements: list[LoadMeasurement] = []
+        self._masks: list[torch.Tensor | None] = []
+        self._mask_position = _argument_position(model, "attention_mask")
+        for index, router in enumerate(found):
+            _BALANCER_OF_ROUTER[router.module] = self
+            self._prepare_bias(index)
+        self._hooks = [
+            model.register_forward_pre_hook(self._capture_mask, with_kwargs=True),
+            model.register_forward_hook(self._release_mask, always_call=True),
+            *(
+                r.module.register_forward_hook(lambda module, args, output, index=index: self._count(index, output))
+                for index, r in enumerate(found)
+            ),
+        ]
+
+    @property
+    def routers(self) -> list[nn.Module]:
+        """The router modules, in layer order."""
+        return [r.module for r in self._routers]
+
+    @property
+    def names(self) -> list[str]:
+        """Qualified module names of `routers`."""
+        return [r.name for r in self._routers]
+
+    @property
+    def device(self) -> torch.device:
+        """Where `loads` and `biases()` live: the first router's bias device."""
+        return self._bias(0).device
+
+    @property
+    def loads(self) -> torch.Tensor:
+        """(routers, experts) int64 token counts of this rank since the last `step()`."""
+        return self._train_counts.stacked(self.device)
+
+    @property
+    def updates_biases(self) -> bool:
+        """False when `step()` only measures: frozen, u = 0, or a model not trained loss-free."""
+        return self.frozen is not True and self.update_rate > 0
+
+    def biases(self) -> torch.Tensor:
+        """(routers, experts) fp32 copy of the current biases."""
+        return torch.stack([self._bias(i).detach().reshape(-1).float().to(self.device) for i in range(len(self))])
+
+    def __len__(self) -> int:
+        return len(self._routers)
+
+    @torch.no_grad()
+    def step(self) -> dict[str, float]:
+        """Update every bias from the loads of the whole optimizer step, then reset the counts.
+
+        The counts of all layers are summed over the data-parallel ranks in one `all_reduce`, so every rank applies
+        the same update and the biases stay identical. The update, in fp32 and in place (the module keeps the same
+        tensor, so checkpoints and optimizers see it), with c the loads and u the update rate:
+
+        - `"sign"`: `b += u * sign(mean(c) - c)` (Algorithm 1);
+        - `"error"`: `b += u * (mean(c) - c) / mean(c)` (the paper's ablation);
+        - `center=True` then subtracts the mean of each layer's update.
+
+        A multiplicative bias (routers select on `s * b`) gets the same additive step, from the paper's starting
+        value 1: near 1 a step of u scales a score by 1 +- u, a change of the same size as the additive variant's
+        (sigmoid scores are O(1)), so one update rate serves both; `b *= 1 + u * sign(...)` would be the same to
+        first order and only drifts apart once b is far from 1. Counts are int64, so they are finite, and a layer that
+        counted no token is left unchanged: nothing non-finite can reach a bias.
+
+        Returns:
+            Plain floats: `maxvio_batch` (mean over layers that received tokens), `maxvio_batch/layer_{i}` (i indexes
+            `routers`), `bias_abs_max` and `bias_abs_mean` (distance from the neutral bias, 0 or 1), and
+            `bias_updated` (1.0 or 0.0). With no token counted since the last step there are no MaxVio entries, a
+            warning says so, and no bias moves.
+        """
+        loads = self.loads  # (L, E)
+        self._train_counts.reset()
+        self._all_reduce(loads)
+        loads = loads.cpu()
+        counted = loads.sum(dim=-1) > 0  # (L,)
+        stats = {}
+        if counted.any():
+            per_layer = maxvio(loads[counted])
+            stats["maxvio_batch"] = per_layer.mean().item()
+            for layer, value in zip(counted.nonzero().flatten().tolist(), per_layer.tolist(), strict=True):
+                stats[f"maxvio_batch/layer_{layer}"] = value
+        else:
+            warnings.warn(
+                "LossFreeBalancer.step(): no token was counted since the last step, so no bias moved. Counting "
+                "needs training-mode forwards of the model the balancer is attached to.",
+                stacklevel=2,
+            )
+        updated = []
+        if self.updates_biases and counted.any():
+            layers = counted.nonzero().flatten().tolist()
+            for index, delta in zip(layers, self._update(loads[counted]), strict=True):
+                if self.frozen is None and _weights_frozen(self._routers[index]):
+                    continue
+                self._prepare_bias(index)  # a cast since construction (e.g. `model.to(torch.bfloat16)`) is undone
+                bias = self._bias(index)
+                bias.add_(delta.to(device=bias.device, dtype=torch.float32).view_as(bias))
+                updated.append(index)
+        distance = (self.biases() - NEUTRAL_BIAS[self.bias_type]).abs()  # (L, E)
+        stats["bias_abs_max"] = distance.max().item()
+        stats["bias_abs_mean"] = distance.mean().item()
+        stats["bias_updated"] = float(bool(updated))
+        return stats
+
+    def measure(self, eval_only: bool = False) -> LoadMeasurement:
+        """A `LoadMeasurement` to use as a context manager: loads counted apart, training counts untouched."""
+        if not isinstance(eval_only, bool):
+            raise ValueError(f"eval_only must be True or False, got {eval_only!r}.")
+        return LoadMeasurement(self, eval_only)
+
+    def remove(self):
+        """Detach every hook; the model is left as if the balancer had never been attached."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._measurements = []
+        for router in self._routers:
+            if _BALANCER_OF_ROUTER.get(router.module) is self:
+                del _BALANCER_OF_ROUTER[router.module]
+
+    def _update(self, loads: torch.Tensor) -> torch.Tensor:
+        """(L, E) fp64 update from the (L, E) loads of layers that each received tokens."""
+        loads = loads.double()  # exact for any count below 2**53
+        mean = loads.mean(dim=-1, keepdim=True)  # (L, 1), > 0
+        error = mean - loads  # (L, E)
+        if self.rule == "sign":
+            delta = self.update_rate * error.sign()
+        else:
+            delta = self.update_rate * error / mean
+        if self.center:
+            delta = delta - delta.mean(dim=-1, keepdim=True)
+        return delta
+
+    def _bias(self, index: int) -> torch.Tensor:
+        router = self._routers[index]
+        return getattr(router.bias_owner, router.bias_attr)
+
+    def _prepare_bias(self, index: int):
+        """Make the bias an fp32 tensor without gradient, in place of the module's own, warning when it was not."""
+        router = self._routers[index]
+        owner, attr = router.bias_owner, router.bias_attr
+        bias = getattr(owner, attr)
+        if isinstance(bias, nn.Parameter) and bias.requires_grad:
+            warnings.warn(
+                f"{router.name}: {attr} is a parameter that requires grad; the balancer, not the optimizer, updates "
+                "it, so requires_grad is set to False (DDP would otherwise wait for a gradient that never comes).",
+                stacklevel=3,
+            )
+            bias.requires_grad_(False)
+        if bias.dtype == torch.float32:
+            return
+        warnings.warn(
+            f"{router.name}: {attr} is {bias.dtype}; updates of 1e-3 would round away (in bf16, 1 + 1e-3 == 1), so it "
+            "is replaced by an fp32 copy.",
+            stacklevel=3,
+        )
+        upcast = bias.detach().float()
+        if isinstance(bias, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(upcast, requires_grad=False))
+        else:
+            owner.register_buffer(attr, upcast, persistent=attr not in owner._non_persistent_buffers_set)
+
+    def _start_measurement(self, measurement: LoadMeasurement):
+        if measurement in self._measurements:
+            raise ValueError("This measurement is already counting.")
+        self._measurements.append(measurement)
+
+    def _stop_measurement(self, measurement: LoadMeasurement):
+        if measurement in self._measurements:
+            self._measurements.remove(measurement)
+
+    def _all_reduce(self, loads: torch.Tensor):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            dist.all_reduce(loads, op=dist.ReduceOp.SUM, group=self.process_group)
+
+    def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict):
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
+            mask = args[self._mask_position]
+        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+            warnings.warn(
+                f"attention_mask of shape {tuple(mask.shape)} is not a 2-D padding mask; every token is counted.",
+                stacklevel=2,
+            )
+        self._masks.append(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+
+    def _release_mask(self, module: nn.Module, args: tuple, output: Any):
+        if self._masks:
+            self._masks.pop()
+
+    def _token_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """(T,) int64, 0 for padding, from the mask of the current model call; None when every token counts."""
+        mask = self._masks[-1] if self._masks else None
+        if mask is None:
+            return None
+        batch_size, mask_length = mask.shape
+        tokens_per_row = num_tokens // batch_size
+        if num_tokens % batch_size or tokens_per_row > mask_length:
+            raise ValueError(
+                f"A router saw {num_tokens} tokens, which does not fit the attention_mask of shape "
+                f"{tuple(mask.shape)} the model was called with."
+            )
+        # With a cache the mask covers past tokens too; the routers see only the last `tokens_per_row` columns.
+        return (mask[:, mask_length - tokens_per_row :] != 0).reshape(-1).to(device=device, dtype=torch.int64)
+
+    def _count(self, index: int, output: Any):
+        router = self._routers[index]
+        topk_indices = router.adapter.topk_indices(router.module, output)  # (T, K)
+        if torch._C._current_graph_task_id() != -1:
+            return  # inside backward: activation-checkpoint recomputation of a forward already counted
+        sinks = [m._counts for m in self._measurements if m.accepts(router.module.training)]
+        if not sinks and router.module.training:
+            sinks = [self._train_counts]
+        if not sinks:
+            return
+        token_mask = self._token_mask(topk_indices.size(0), topk_indices.device)
+        for counts in sinks:
+            counts.add(index, topk_indices, token_mask)
+
+
+def _setting(value, config, field: str, default):
+    if value is not None:
+        return value
+    return getattr(config, field, default)
+
+
+def _check_settings(update_rate, rule, bias_type, center, frozen):
+    is_number = isinstance(update_rate, (int, float)) and not isinstance(update_rate, bool)
+    if not (is_number and math.isfinite(update_rate) and update_rate >= 0):
+        raise ValueError(f"update_rate must be a finite number >= 0 (the paper uses 1e-3), got {update_rate!r}.")
+    if rule not in UPDATE_RULES:
+        raise ValueError(f"rule must be one of {UPDATE_RULES}, got {rule!r}.")
+    if bias_type not in BIAS_TYPES:
+        raise ValueError(f"bias_type must be one of {BIAS_TYPES}, got {bias_type!r}.")
+    if not isinstance(center, bool):
+        raise ValueError(f"center must be True or False, got {center!r}.")
+    if frozen is not None and not isinstance(frozen, bool):
+        raise ValueError(f"frozen must be None, True or False, got {frozen!r}.")
+
+
+def _weights_frozen(router: FoundRouter) -> bool:
+    """Whether the router has weights besides its bias and none of them trains."""
+    bias = getattr(router.bias_owner, router.bias_attr)
+    weights = [p for p in router.module.parameters() if p is not bias]
+    return bool(weights) and not any(p.requires_grad for p in weights)
+
+
+def _argument_position(model: nn.Module, name: str) -> int | None:
+    """Position of `name` among the positional arguments of `model.forward`, if it has one."""
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional.index(name) if name in positional else None
+
+
+__all__ = [
+    "DEEPSEEK_V3_ADAPTER",
+    "LoadMeasurement",
+    "LossFreeBalancer",
+    "RouterAdapter",
+    "FoundRouter",
+    "find_routers",
+    "maxvio",
+    "register_router_adapter",
+]

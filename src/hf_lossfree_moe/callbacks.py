@@ -1,0 +1,154 @@
+"""LossFreeBalancingCallback: `LossFreeBalancer` inside `transformers.Trainer`, plus its metrics in every logger.
+
+The callback holds no balancing logic: it builds the balancer for the Trainer's model, calls `step()` once per
+optimizer step (after all gradient-accumulation micro-batches) and adds MaxVio and bias statistics to the Trainer's
+logs and evaluation metrics. Reporting integrations (TensorBoard, trackio, W&B ...) read the logs in callback order,
+so add the callback with `add_balancing_callback(trainer)`, which puts it ahead of them.
+"""
+
+import inspect
+import warnings
+from typing import TYPE_CHECKING
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .balancing import LoadMeasurement, LossFreeBalancer, maxvio
+
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+
+class LossFreeBalancingCallback(TrainerCallback):
+    """Runs a `LossFreeBalancer` on the Trainer's model and logs what it measures.
+
+    Training logs gain `maxvio_batch` and `maxvio_batch/layer_{i}` (averaged over the optimizer steps since the
+    last log) and `bias_abs_max`, `bias_abs_mean` (at the last step). Evaluation metrics gain
+    `{prefix}_maxvio_global` and `{prefix}_maxvio_global/layer_{i}` from the loads of the whole evaluation, summed
+    over ranks; `last_eval_loads` keeps those (routers, experts) loads. Any forward of the model in eval mode
+    between the last optimizer step and an evaluation's log counts toward that evaluation.
+
+    Args:
+        **balancer_kwargs: Passed to `LossFreeBalancer` (`update_rate`, `rule`, `bias_type`, `center`, `frozen`,
+            `process_group`); unset settings come from the model's config.
+
+    Example:
+
+    ```python
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+    >>> callback = add_balancing_callback(trainer)
+    >>> trainer.train()
+    >>> trainer.evaluate()["eval_maxvio_global"]
+    ```
+    """
+
+    def __init__(self, **balancer_kwargs):
+        unknown = set(balancer_kwargs) - (set(inspect.signature(LossFreeBalancer).parameters) - {"model"})
+        if unknown:
+            raise ValueError(f"Unknown LossFreeBalancer arguments {sorted(unknown)}.")
+        self.balancer_kwargs = balancer_kwargs
+        self.balancer: LossFreeBalancer | None = None
+        self._attached_to = None
+        self.last_eval_loads = None
+        self._first_in_trainer = False
+        self._eval_measurement: LoadMeasurement | None = None
+        self._evaluating = False
+        self._step_stats: list[dict[str, float]] = []
+
+    def attach(self, model):
+        """Build the balancer for `model` (wrappers are unwrapped); a no-op when it is already attached to it."""
+        if model is self._attached_to:
+            return
+        if self.balancer is not None:
+            self.balancer.remove()
+        self.balancer = LossFreeBalancer(model, **self.balancer_kwargs)
+        self._attached_to = model
+        self._eval_measurement = self.balancer.measure(eval_only=True).start()
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if model is not None:
+            self.attach(model)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
+        self.attach(model)
+        self._eval_measurement.reset()
+        self._step_stats = []
+        if args.report_to and not self._first_in_trainer:
+            warnings.warn(
+                "LossFreeBalancingCallback runs after the report_to integrations, which therefore miss maxvio_batch "
+                "and eval_maxvio_global (log_history has them). Add it with `add_balancing_callback(trainer)`.",
+                stacklevel=2,
+            )
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._step_stats.append(self.balancer.step())
+        self._eval_measurement.reset()  # eval-mode forwards during training are no evaluation
+
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._evaluating = True
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if self.balancer is None or logs is None:
+            return
+        added = self._evaluation_metrics(logs) if self._evaluating else self._training_metrics()
+        logs.update(added)
+        # Trainer.log appends a copy of the logs to log_history before calling on_log.
+        if added and state.log_history and set(logs) - set(added) <= set(state.log_history[-1]):
+            state.log_history[-1].update(added)
+
+    def on_predict(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kwargs
+    ):
+        if self.balancer is not None and self._evaluating:
+            metrics.update(self._evaluation_metrics(metrics))
+
+    def _training_metrics(self) -> dict[str, float]:
+        """MaxVio averaged over the steps since the last log; bias statistics of the last step."""
+        if not self._step_stats:
+            return {}
+        stats, self._step_stats = self._step_stats, []
+        added = {}
+        for key in sorted({key for step in stats for key in step if key.startswith("maxvio_batch")}):
+            values = [step[key] for step in stats if key in step]
+            added[key] = sum(values) / len(values)
+        added.update({key: stats[-1][key] for key in ("bias_abs_max", "bias_abs_mean")})
+        return added
+
+    def _evaluation_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """`{prefix}_maxvio_global` (+ per layer) of the evaluation that just ended; counting restarts."""
+        self._evaluating = False
+        loads = self._eval_measurement.stop().loads
+        self._eval_measurement = self.balancer.measure(eval_only=True).start()
+        prefix = next((key[: -len("_runtime")] for key in metrics if key.endswith("_runtime")), "eval")
+        if not loads.sum(dim=-1).all():
+            return {}
+        self.last_eval_loads = loads
+        per_layer = maxvio(loads)
+        added = {f"{prefix}_maxvio_global": per_layer.mean().item()}
+        added.update({f"{prefix}_maxvio_global/layer_{i}": value for i, value in enumerate(per_layer.tolist())})
+        return added
+
+
+def add_balancing_callback(trainer: "Trainer", callback: LossFreeBalancingCallback | None = None):
+    """Add `callback` (default: `LossFreeBalancingCallback()`) to `trainer` ahead of every other callback.
+
+    Trainer calls callbacks in list order and puts its reporting integrations first, so a callback passed with
+    `callbacks=[...]` adds its metrics after TensorBoard, trackio or W&B have read the logs. Placed first, its
+    additions reach all of them. The balancer is built at once, so `trainer.evaluate()` works before `train()`.
+    Returns the callback.
+    """
+    callback = LossFreeBalancingCallback() if callback is None else callback
+    if not isinstance(callback, LossFreeBalancingCallback):
+        raise ValueError(f"callback must be a LossFreeBalancingCallback, got {type(callback).__name__}.")
+    callbacks = trainer.callback_handler.callbacks
+    if callback in callbacks:
+        callbacks.remove(callback)
+    callbacks.insert(0, callback)
+    callback._first_in_trainer = True
+    callback.attach(trainer.model)
+    return callback
+
+
+__all__ = ["LossFreeBalancingCallback", "add_balancing_callback"]

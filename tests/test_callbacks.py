@@ -1,0 +1,210 @@
+import glob
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import Trainer, TrainingArguments
+
+from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM, add_balancing_callback, maxvio
+
+
+TOP_K = 2
+
+
+def padded_examples(count: int, seed: int, max_length: int = 12):
+    """Token sequences of random lengths in [3, max_length]."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, max_length + 1, (count,), generator=generator).tolist()
+    return [{"input_ids": torch.randint(3, 128, (n,), generator=generator).tolist()} for n in lengths]
+
+
+def collate(features):
+    """Right-pads a batch: pad id 0, attention_mask 0, labels -100."""
+    length = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.zeros(len(features), length, dtype=torch.long)
+    attention_mask = torch.zeros(len(features), length, dtype=torch.long)
+    for row, feature in enumerate(features):
+        input_ids[row, : len(feature["input_ids"])] = torch.tensor(feature["input_ids"])
+        attention_mask[row, : len(feature["input_ids"])] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": input_ids.masked_fill(attention_mask == 0, -100),
+    }
+
+
+def real_tokens(examples) -> int:
+    return sum(len(example["input_ids"]) for example in examples)
+
+
+def make_trainer(model, output_dir, train, evaluation=None, **overrides):
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collate,
+    )
+
+
+def spy_on_steps(balancer):
+    """Record the loads `step()` sees and the stats it returns."""
+    seen = []
+    step = balancer.step
+
+    def recorded_step():
+        loads = balancer.loads
+        stats = step()
+        seen.append((loads, stats))
+        return stats
+
+    balancer.step = recorded_step
+    return seen
+
+
+def tensorboard_scalars(output_dir) -> dict[str, list[float]]:
+    """Every scalar of every event file under `output_dir/runs`, per tag, in the order they were written."""
+    events = {}
+    for path in glob.glob(f"{output_dir}/runs/**/events.out.tfevents.*", recursive=True):
+        accumulator = EventAccumulator(path)
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            events.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    return {
+        tag: [event.value for event in sorted(tagged, key=lambda e: e.wall_time)] for tag, tagged in events.items()
+    }
+
+
+def test_trainer_logs_maxvio_everywhere_with_gradient_accumulation(tiny_config, tmp_path):
+    model = LossFreeMoeForCausalLM(tiny_config())
+    train, validation = padded_examples(16, seed=1), padded_examples(6, seed=2)
+    trainer = make_trainer(
+        model,
+        tmp_path,
+        train,
+        validation,
+        gradient_accumulation_steps=2,
+        max_steps=4,  # 16 examples / (2 x 2): exactly one epoch
+        eval_strategy="steps",
+        eval_steps=4,
+        report_to=["tensorboard"],
+    )
+    callback = add_balancing_callback(trainer)
+    steps = spy_on_steps(callback.balancer)
+    trainer.train()
+
+    # one step() per optimizer step, each with the loads of both micro-batches, padding excluded
+    assert len(steps) == 4
+    assert sum(loads for loads, _ in steps).sum(dim=-1).tolist() == [TOP_K * real_tokens(train)] * 2
+    assert all((loads.sum(dim=-1) > 0).all() for loads, _ in steps)
+    assert callback.balancer.biases().abs().max() > 0
+
+    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in train_logs] == [2, 4]
+    for entry, window in zip(train_logs, (steps[:2], steps[2:]), strict=True):
+        assert entry["maxvio_batch"] == pytest.approx(sum(s["maxvio_batch"] for _, s in window) / 2)
+        assert entry["maxvio_batch/layer_1"] == pytest.approx(sum(s["maxvio_batch/layer_1"] for _, s in window) / 2)
+        assert entry["bias_abs_max"] == window[-1][1]["bias_abs_max"]
+    eval_log = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
+    assert eval_log["eval_maxvio_global"] > 0
+    assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
+
+    biases = callback.balancer.biases()
+    metrics = trainer.evaluate()
+    with callback.balancer.measure() as measurement:  # the same validation pass, by hand
+        model.eval()
+        model(**collate(validation))
+    assert metrics["eval_maxvio_global"] == pytest.approx(measurement.maxvio_global)
+    per_layer = maxvio(measurement.loads).tolist()
+    assert [metrics["eval_maxvio_global/layer_0"], metrics["eval_maxvio_global/layer_1"]] == pytest.approx(per_layer)
+    assert trainer.state.log_history[-1]["eval_maxvio_global"] == metrics["eval_maxvio_global"]
+    assert torch.equal(callback.balancer.biases(), biases)  # evaluation moved no bias ...
+    assert callback.balancer.loads.sum() == 0  # ... and counted nothing toward training
+
+    scalars = tensorboard_scalars(tmp_path)
+    assert scalars["train/maxvio_batch"] == pytest.approx([entry["maxvio_batch"] for entry in train_logs])
+    assert "train/maxvio_batch/layer_0" in scalars
+    assert "train/bias_abs_max" in scalars
+    assert scalars["eval/maxvio_global"] == pytest.approx(
+        [eval_log["eval_maxvio_global"], metrics["eval_maxvio_global"]]
+    )
+
+
+def test_evaluate_before_training_and_predict(tiny_config, tmp_path):
+    model = LossFreeMoeForCausalLM(tiny_config())
+    validation = padded_examples(5, seed=3)
+    trainer = make_trainer(model, tmp_path, None, validation)
+    callback = add_balancing_callback(trainer)
+
+    metrics = trainer.evaluate()
+    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(callback.last_eval_loads).mean().item())
+    assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
+    prediction = trainer.predict(validation)
+    assert prediction.metrics["test_maxvio_global"] == pytest.approx(metrics["eval_maxvio_global"])
+    assert torch.equal(callback.balancer.biases(), torch.zeros(2, 8))
+
+
+def test_resuming_gives_the_biases_of_an_uninterrupted_run(tiny_config, tmp_path):
+    train = padded_examples(40, seed=4)
+    settings = dict(max_steps=20, save_strategy="steps", save_steps=10, logging_steps=10)
+    uninterrupted = make_trainer(LossFreeMoeForCausalLM(tiny_config()), tmp_path / "a", train, **settings)
+    callback = add_balancing_callback(uninterrupted)
+    uninterrupted.train()
+    expected = callback.balancer.biases()
+
+    resumed_model = LossFreeMoeForCausalLM(tiny_config())
+    resumed = make_trainer(resumed_model, tmp_path / "b", train, **settings)
+    callback = add_balancing_callback(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-10"))
+
+    at_checkpoint = LossFreeMoeForCausalLM.from_pretrained(tmp_path / "a" / "checkpoint-10")
+    halfway = torch.stack([router.e_score_correction_bias for router in at_checkpoint.routers()])
+    assert halfway.abs().max() > 0 and not torch.equal(halfway, expected)  # the biases kept moving after step 10
+    assert torch.equal(callback.balancer.biases(), expected)
+
+
+def test_aux_loss_model_is_only_measured(tiny_config, tmp_path):
+    model = LossFreeMoeForCausalLM(tiny_config(load_balancing="aux_loss"))
+    trainer = make_trainer(model, tmp_path, padded_examples(8, seed=5), max_steps=2)
+    callback = add_balancing_callback(trainer)
+    trainer.train()
+    assert trainer.state.log_history[0]["maxvio_batch"] > 0
+    assert torch.equal(callback.balancer.biases(), torch.zeros(2, 8))
+
+
+def test_callback_passed_to_trainer_warns_that_integrations_miss_it(tiny_config, tmp_path):
+    model = LossFreeMoeForCausalLM(tiny_config())
+    callback = LossFreeBalancingCallback(update_rate=1e-2)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path), max_steps=2, logging_steps=1, report_to=["tensorboard"], use_cpu=True
+        ),
+        train_dataset=padded_examples(4, seed=6),
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    assert callback.balancer.update_rate == 1e-2  # built when the Trainer was
+    with pytest.warns(UserWarning, match="add_balancing_callback"):
+        trainer.train()
+    assert all("maxvio_batch" in entry for entry in trainer.state.log_history if "loss" in entry)
+    assert "train/maxvio_batch" not in tensorboard_scalars(tmp_path)
+
+
+def test_unknown_balancer_arguments_are_rejected():
+    with pytest.raises(ValueError, match="update_rates"):
+        LossFreeBalancingCallback(update_rates=1e-3)
