@@ -6,6 +6,7 @@ Importing the package registers `LossFreeMoe` with the Auto classes and marks it
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from . import families  # noqa: F401  (registers router adapters for transformers' MoE families)
 from .balancing import LoadMeasurement, LossFreeBalancer, RouterAdapter, maxvio, register_router_adapter
 from .callbacks import LossFreeBalancingCallback, add_balancing_callback
 from .configuration_lossfree_moe import LossFreeMoeConfig
