@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "transformers==$(TRANSFORMERS_VERSION)" -e ".[dev]"
 	touch $@
 
+train: install
+	$(BIN)/python scripts/train.py
+
 test: install
 	$(BIN)/python -m pytest -q
 

@@ -1,0 +1,465 @@
+#!/usr/bin/env python
+"""Train a LossFreeMoe causal LM with auxiliary-loss-free load balancing, evaluate it, and package it for the Hub.
+
+With no arguments it trains a tiny model (a few million parameters) on an embedded corpus, the documentation that
+ships with Python, with a BPE tokenizer trained on the fly: minutes on a laptop CPU, no download. The output folder
+then holds safetensors weights, the model code (`trust_remote_code=True`), the tokenizer, `trainer_state.json`,
+plots and a README.md model card. Everything else is run_clm: `--dataset_name` or `--train_file` for real data,
+`--model_name_or_path` to continue training, `--resume_from_checkpoint`, `--push_to_hub`, and every
+`TrainingArguments` flag.
+
+    python scripts/train.py                                    # the default job, what `make train` runs
+    python scripts/train.py --dataset_name roneneldan/TinyStories --tokenizer_name gpt2 \\
+        --config_overrides '{"hidden_size": 512, "num_hidden_layers": 8}' --output_dir outputs/tinystories
+    python scripts/train.py args.json                          # every argument from one JSON file
+"""
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+from huggingface_hub.errors import StrictDataclassError
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_lossfree_moe import LossFreeMoeConfig, add_balancing_callback
+from hf_lossfree_moe.data import TextDatasets, load_text_datasets, tokenize_and_group, train_bpe_tokenizer
+from hf_lossfree_moe.model_card import render_model_card
+from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, RoutingHistory, RoutingHistoryRecorder, draw_run_plots
+
+
+DEFAULT_OUTPUT_DIR = "outputs/lossfree-moe-tiny"
+# A few million parameters (2.7M, 1.7M active per token): learns visibly within minutes on 2 CPU cores, and its
+# 16 fine-grained experts with top-2 routing give the balancer real work.
+TINY_CONFIG = {
+    "vocab_size": 4096,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "n_routed_experts": 16,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "first_k_dense_replace": 1,
+}
+# The tiny job's training settings; any flag or argument-file key overrides them. 500 steps of 8 x 256 tokens are
+# about 2.7 passes over the embedded corpus: loss falls from 8.3 to about 4.5 and the biases have time to balance.
+TRAINING_DEFAULTS = {
+    "output_dir": DEFAULT_OUTPUT_DIR,
+    "do_train": True,
+    "do_eval": True,
+    "max_steps": 500,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "learning_rate": 2e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.05,
+    "weight_decay": 0.1,
+    "logging_steps": 10,
+    "save_steps": 250,
+    "save_total_limit": 1,
+}
+BALANCING_FIELDS = (
+    "load_balancing",
+    "bias_update_rate",
+    "bias_update_rule",
+    "bias_type",
+    "router_aux_loss_coef",
+    "scoring_func",
+)
+# Keys of a saved config.json that say how it was saved or run, not which model it is (checkpoints written during
+# training hold use_cache=False).
+CONFIG_METADATA_KEYS = {"transformers_version", "architectures", "auto_map", "dtype", "_name_or_path", "use_cache"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A trained model (folder or Hub id) to continue training. Default: a new model."},
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Config (config.json, its folder, or a Hub id) of a new model. Default: the tiny config."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON object of config fields to change in a new model, e.g. \'{"hidden_size": 256, '
+            '"n_routed_experts": 32}\'.'
+        },
+    )
+    load_balancing: str | None = field(
+        default=None, metadata={"help": "loss_free, aux_loss (the paper's baseline) or none. Default: the config's."}
+    )
+    bias_update_rate: float | None = field(
+        default=None, metadata={"help": "Bias update rate u (the paper: 1e-3). Default: the config's."}
+    )
+    bias_update_rule: str | None = field(
+        default=None, metadata={"help": "sign (Algorithm 1) or error. Default: the config's."}
+    )
+    bias_type: str | None = field(
+        default=None, metadata={"help": "additive or multiplicative. Default: the config's."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the sequence-wise balance loss. Default: the config's."}
+    )
+    scoring_func: str | None = field(
+        default=None, metadata={"help": "Gate: sigmoid (the paper) or softmax. Default: the config's."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into --output_dir even when it holds a different model (same model: always)."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets go."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
+
+    def balancing_overrides(self) -> dict:
+        return {name: getattr(self, name) for name in BALANCING_FIELDS if getattr(self, name) is not None}
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub dataset. Default (with no --train_file): the embedded corpus."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "A local .txt (one document per paragraph), .json/.jsonl or .csv file of training text."},
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "A local validation file, same format."})
+    text_column_name: str = field(default="text", metadata={"help": "The column holding the text."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of the training data held out when there is no validation split."}
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per training sequence; at most max_position_embeddings, its default."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "A tokenizer (folder or Hub id). Default: the model's, or a BPE trained on the data."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many validation blocks."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+@dataclass
+class Job:
+    """Everything `prepare` checked and built, ready to train."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    text: TextDatasets
+    train_dataset: Dataset
+    eval_dataset: Dataset
+    block_size: int
+    checkpoint: str | None
+    history: RoutingHistory | None
+
+
+class CardKeepingTrainer(Trainer):
+    """A Trainer whose `push_to_hub` keeps the job's README.md instead of writing its generic card over it."""
+
+    def create_model_card(self, *args, **kwargs):
+        return None
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """run_clm convention: a single `.json` argument is a file holding every argument. Both ways start from
+    `TRAINING_DEFAULTS`, kept out of a `TrainingArguments` subclass so `training_args.bin` unpickles anywhere."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        if not os.path.isfile(argv[0]):
+            raise ValueError(f"Argument file not found: {argv[0]}")
+        try:
+            arguments = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"Argument file {argv[0]} is not valid JSON: {error}.") from None
+        return parser.parse_dict({**TRAINING_DEFAULTS, **arguments})
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_config(model_args: ModelArguments) -> PreTrainedConfig:
+    """The config to train: the continued model's, or a new one; balancing flags apply to both.
+
+    Rebuilt through `from_dict`, so the config's own checks judge every changed value.
+    """
+    overrides = model_args.balancing_overrides()
+    if model_args.model_name_or_path is not None:
+        if model_args.config_name is not None or model_args.config_overrides is not None:
+            raise ValueError(
+                "--config_name and --config_overrides build a new model; with --model_name_or_path only the "
+                f"balancing flags ({', '.join('--' + name for name in BALANCING_FIELDS)}) may change its config."
+            )
+        base = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token
+        )
+        saved_bias_type = getattr(base, "bias_type", "additive")
+        if overrides.get("bias_type", saved_bias_type) != saved_bias_type:
+            raise ValueError(
+                f"--bias_type cannot change when continuing training: the saved biases are {saved_bias_type}."
+            )
+    elif model_args.config_name is not None:
+        base = AutoConfig.from_pretrained(
+            model_args.config_name, cache_dir=model_args.cache_dir, token=model_args.token
+        )
+    else:
+        base = LossFreeMoeConfig(**TINY_CONFIG)
+    if model_args.model_name_or_path is None and model_args.config_overrides is not None:
+        overrides = {**parse_config_overrides(model_args.config_overrides, base), **overrides}
+    return type(base).from_dict({**base.to_dict(), **overrides})
+
+
+def parse_config_overrides(text: str, base: PreTrainedConfig) -> dict:
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config_overrides must be a JSON object, got {text!r} ({error}).") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config_overrides must be a JSON object such as '{{\"hidden_size\": 256}}', got {text!r}.")
+    unknown = sorted(key for key in overrides if not hasattr(base, key))
+    if unknown:
+        raise ValueError(f"--config_overrides: {unknown} are not fields of {type(base).__name__}.")
+    return overrides
+
+
+def resolve_block_size(block_size: int | None, config: PreTrainedConfig) -> int:
+    max_positions = config.max_position_embeddings
+    if block_size is None:
+        return max_positions
+    if not 0 < block_size <= max_positions:
+        raise ValueError(
+            f"--block_size must be in [1, max_position_embeddings={max_positions}] of the model config, "
+            f"got {block_size}."
+        )
+    return block_size
+
+
+def check_checkpoint(checkpoint: str | None) -> None:
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise ValueError(f"--resume_from_checkpoint: no such checkpoint folder: {checkpoint}")
+
+
+def check_output_dir(output_dir: str, config: PreTrainedConfig, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds anything but this same model, unless told to overwrite.
+
+    The model is the folder's own config.json or, for a run stopped before its final save, its last checkpoint's.
+    """
+    if overwrite or not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return
+    saved_dir = (
+        output_dir if os.path.isfile(os.path.join(output_dir, "config.json")) else get_last_checkpoint(output_dir)
+    )
+    advice = "pass --overwrite_output_dir to replace it, or choose another --output_dir"
+    if saved_dir is None or not os.path.isfile(os.path.join(saved_dir, "config.json")):
+        raise ValueError(f"--output_dir {output_dir} is not empty and holds no model; {advice}.")
+    try:
+        saved = comparable_config(AutoConfig.from_pretrained(saved_dir))
+    except (ValueError, OSError, KeyError) as error:
+        raise ValueError(
+            f"--output_dir {output_dir} holds a model this script cannot read ({error}); {advice}."
+        ) from None
+    wanted = comparable_config(config)
+    differences = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
+    if differences:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now" for key in differences[:5])
+        raise ValueError(f"--output_dir {output_dir} holds a different model ({shown}); {advice}.")
+
+
+def comparable_config(config: PreTrainedConfig) -> dict:
+    """Every field as JSON would store it, without the keys that only say how the config was saved."""
+    fields = json.loads(config.to_json_string(use_diff=False))
+    return {key: value for key, value in fields.items() if key not in CONFIG_METADATA_KEYS}
+
+
+def load_tokenizer(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    checkpoint: str | None,
+    text: TextDatasets,
+    config: PreTrainedConfig,
+) -> PreTrainedTokenizerBase:
+    """The named tokenizer, else the continued model's or checkpoint's, else a BPE trained on the training text."""
+    source = data_args.tokenizer_name or model_args.model_name_or_path or checkpoint
+    if source is not None:
+        return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, token=model_args.token)
+    train_texts = text.splits["train"][data_args.text_column_name]
+    return train_bpe_tokenizer(train_texts, config.vocab_size, config.max_position_embeddings)
+
+
+def prepare(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Job:
+    """Check every input and build model and data; any bad input raises `ValueError` before training starts."""
+    config = build_config(model_args)
+    block_size = resolve_block_size(data_args.block_size, config)
+    checkpoint = training_args.resume_from_checkpoint
+    check_checkpoint(checkpoint)
+    text = load_text_datasets(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        text_column=data_args.text_column_name,
+        validation_split_percentage=data_args.validation_split_percentage,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
+    tokenizer = load_tokenizer(model_args, data_args, checkpoint, text, config)
+    if model_args.model_name_or_path is None:
+        config.vocab_size = max(config.vocab_size, len(tokenizer))
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+    check_output_dir(training_args.output_dir, config, model_args.overwrite_output_dir)
+
+    with training_args.main_process_first(desc="tokenize and group"):
+        blocks = tokenize_and_group(
+            text.splits, tokenizer, block_size, data_args.text_column_name, data_args.preprocessing_num_workers
+        )
+    train_dataset, eval_dataset = blocks["train"], blocks["validation"]
+    if data_args.max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+    if data_args.max_eval_samples is not None:
+        eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+
+    set_seed(training_args.seed)
+    if model_args.model_name_or_path is None:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, token=model_args.token
+        )
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+    return Job(model, tokenizer, text, train_dataset, eval_dataset, block_size, checkpoint, load_history(checkpoint))
+
+
+def load_history(checkpoint: str | None) -> RoutingHistory | None:
+    """The routing history saved with `checkpoint`, so a resumed run's plots cover the whole run."""
+    path = Path(checkpoint, ROUTING_HISTORY_FILE) if checkpoint else None
+    return RoutingHistory.load(path) if path is not None and path.is_file() else None
+
+
+def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """Train, evaluate, save model, state, routing history, plots and card; returns the evaluation metrics."""
+    use_cache = job.model.config.use_cache  # the Trainer turns it off for training
+    trainer = CardKeepingTrainer(
+        model=job.model,
+        args=training_args,
+        train_dataset=job.train_dataset,
+        eval_dataset=job.eval_dataset,
+        processing_class=job.tokenizer,
+        data_collator=default_data_collator,
+    )
+    balancing = add_balancing_callback(trainer)
+    recorder = RoutingHistoryRecorder(balancing, job.history)
+    trainer.add_callback(recorder)
+
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=job.checkpoint)
+        job.model.config.use_cache = use_cache
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+    metrics = {}
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = math.exp(metrics["eval_loss"])
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.should_save:
+        package(trainer, recorder.history, job, model_args, data_args, metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return metrics
+
+
+def package(
+    trainer: Trainer,
+    history: RoutingHistory,
+    job: Job,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    metrics: dict,
+) -> None:
+    """Write what the saved model lacks to be shared: state, routing history, plots and (after an evaluation) card."""
+    args = trainer.args
+    output_dir = Path(args.output_dir)
+    trainer.save_state()
+    history.save(output_dir / ROUTING_HISTORY_FILE)
+    if not (args.do_train and args.do_eval):
+        return
+    plots = draw_run_plots(output_dir)
+    card = render_model_card(
+        job.model.config,
+        job.model.num_parameters(),
+        trainer.state.log_history,
+        model_name=output_dir.name,
+        repo_id=trainer.hub_model_id or str(output_dir),
+        dataset_description=job.text.source,
+        eval_split_description=job.text.validation_source,
+        block_size=job.block_size,
+        tokens_per_step=(
+            job.block_size * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        ),
+        learning_rate=args.learning_rate,
+        dataset_id=data_args.dataset_name,
+        base_model=hub_id(model_args.model_name_or_path),
+    )
+    card.save(output_dir / "README.md")
+    print_summary(output_dir, plots, metrics)
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` when it names a Hub repository rather than a local folder."""
+    return None if name_or_path is None or os.path.isdir(name_or_path) else name_or_path
+
+
+def print_summary(output_dir: Path, plots: list[Path], metrics: dict) -> None:
+    num_layers = sum(key.startswith("eval_maxvio_global/layer_") for key in metrics)
+    print(
+        f"\nModel folder: {output_dir}  (weights, model code, tokenizer, trainer_state.json)\n"
+        f"  model card: {output_dir / 'README.md'}\n"
+        + "".join(f"  plot:       {path}\n" for path in plots)
+        + f"  validation perplexity: {metrics['perplexity']:.2f}  (eval_loss {metrics['eval_loss']:.4f})\n"
+        f"  eval_maxvio_global:    {metrics['eval_maxvio_global']:.4f}  (mean over {num_layers} MoE layers; "
+        "0 = every expert got the same number of tokens)\n"
+        f'Load it anywhere: AutoModelForCausalLM.from_pretrained("{output_dir}", trust_remote_code=True)'
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        model_args, data_args, training_args = parse_arguments(argv)
+        job = prepare(model_args, data_args, training_args)
+    except (ValueError, OSError, StrictDataclassError) as error:
+        raise SystemExit(f"error: {error}") from None
+    run(job, model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The README.md model card of a trained LossFreeMoe: Hub metadata plus a Jinja template from `model_cards/`.
+
+Metrics come from the Trainer's `log_history`, so the card states exactly what the run logged. Rendering goes
+through `huggingface_hub.ModelCard.from_template`, which writes the YAML header (license, tags, `library_name`,
+`pipeline_tag`, model-index) the Hub reads.
+"""
+
+import math
+import os
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .configuration_lossfree_moe import LossFreeMoeConfig
+from .plotting import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
+
+
+# The template lives in the repository next to `src/`: model cards are written by the scripts of a checkout.
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "lossfree_moe.md"
+LICENSE = "apache-2.0"
+TAGS = ["mixture-of-experts", "moe", "loss-free-balancing", "deepseek-moe", "custom_code"]
+PAPER = "arxiv:2408.15664"
+
+
+def count_active_parameters(config: LossFreeMoeConfig, num_parameters: int) -> int:
+    """Parameters one token passes through: all but the routed experts it is not sent to (SwiGLU: 3 matrices)."""
+    expert_parameters = 3 * config.hidden_size * config.moe_intermediate_size
+    idle_experts = config.n_routed_experts - config.num_experts_per_tok
+    return num_parameters - config.num_moe_layers * idle_experts * expert_parameters
+
+
+def human_count(number: int) -> str:
+    """1234567 -> "1.23M": parameter and token counts as people say them."""
+    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if number >= divisor:
+            return f"{number / divisor:.3g}{suffix}"
+    return str(number)
+
+
+def final_metrics(log_history: list[dict]) -> dict:
+    """The last evaluation and the training summary of a log history, with perplexity = exp(eval_loss)."""
+    evaluations = [entry for entry in log_history if "eval_loss" in entry]
+    summaries = [entry for entry in log_history if "train_loss" in entry]
+    if not evaluations or not summaries:
+        raise ValueError("The log history needs an evaluation ('eval_loss') and a training summary ('train_loss').")
+    evaluation, summary = evaluations[-1], summaries[-1]
+    if "eval_maxvio_global" not in evaluation:
+        raise ValueError("The last evaluation has no 'eval_maxvio_global': was LossFreeBalancingCallback used?")
+    per_layer = sorted(
+        (int(key.rsplit("_", 1)[1]), value)
+        for key, value in evaluation.items()
+        if key.startswith("eval_maxvio_global/layer_")
+    )
+    return {
+        "eval_loss": evaluation["eval_loss"],
+        "perplexity": math.exp(evaluation["eval_loss"]),
+        "maxvio_global": evaluation["eval_maxvio_global"],
+        "maxvio_global_per_layer": [value for _, value in per_layer],
+        "train_loss": summary["train_loss"],
+        "train_steps": summary["step"],
+    }
+
+
+def render_model_card(
+    config: LossFreeMoeConfig,
+    num_parameters: int,
+    log_history: list[dict],
+    *,
+    model_name: str,
+    repo_id: str,
+    dataset_description: str,
+    eval_split_description: str,
+    block_size: int,
+    tokens_per_step: int,
+    learning_rate: float,
+    dataset_id: str | None = None,
+    base_model: str | None = None,
+    template_path: str | os.PathLike = DEFAULT_TEMPLATE,
+) -> ModelCard:
+    """Render the card of a finished run. `dataset_id` (a Hub dataset) and `base_model` go into the metadata."""
+    metrics = final_metrics(log_history)
+    eval_dataset = {"dataset_type": dataset_id or "custom", "dataset_name": dataset_id or dataset_description}
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=LICENSE,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS + [PAPER],
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=base_model,
+        eval_results=[
+            EvalResult(
+                task_type="text-generation",
+                dataset_split="validation",
+                metric_type="perplexity",
+                metric_name="Perplexity",
+                metric_value=round(metrics["perplexity"], 4),
+                **eval_dataset,
+            ),
+            EvalResult(
+                task_type="text-generation",
+                dataset_split="validation",
+                metric_type="maxvio_global",
+                metric_name="MaxVio_global",
+                metric_value=round(metrics["maxvio_global"], 4),
+                **eval_dataset,
+            ),
+        ],
+    )
+    # MoE layer i is decoder layer first_k_dense_replace + i, the name the plots use.
+    per_layer = metrics.pop("maxvio_global_per_layer")
+    maxvio_rows = [(f"layer {config.first_k_dense_replace + i}", value) for i, value in enumerate(per_layer)]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        repo_id=repo_id,
+        config=config,
+        total_parameters=human_count(num_parameters),
+        active_parameters=human_count(count_active_parameters(config, num_parameters)),
+        dataset_description=dataset_description,
+        eval_split_description=eval_split_description,
+        block_size=block_size,
+        tokens_per_step=tokens_per_step,
+        train_tokens=human_count(tokens_per_step * metrics["train_steps"]),
+        learning_rate=learning_rate,
+        plots={"maxvio_batch": MAXVIO_PLOT, "eval_load_heatmap": LOAD_HEATMAP_PLOT, "bias_trajectories": BIAS_PLOT},
+        maxvio_rows=maxvio_rows,
+        **metrics,
+    )

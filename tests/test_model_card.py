@@ -1,0 +1,89 @@
+import math
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_lossfree_moe import LossFreeMoeForCausalLM
+from hf_lossfree_moe.model_card import count_active_parameters, final_metrics, human_count, render_model_card
+
+
+LOG_HISTORY = [
+    {"step": 10, "loss": 5.0, "maxvio_batch": 0.5},
+    {"step": 20, "train_loss": 4.5, "train_runtime": 12.0},
+    {
+        "step": 20,
+        "eval_loss": math.log(20.0),
+        "eval_maxvio_global": 0.0625,
+        "eval_maxvio_global/layer_0": 0.05,
+        "eval_maxvio_global/layer_1": 0.075,
+    },
+]
+
+
+@pytest.fixture
+def card(tiny_config):
+    config = tiny_config()
+    return render_model_card(
+        config,
+        LossFreeMoeForCausalLM(config).num_parameters(),
+        LOG_HISTORY,
+        model_name="lossfree-moe-tiny",
+        repo_id="someone/lossfree-moe-tiny",
+        dataset_description="the embedded corpus",
+        eval_split_description="5% of the documents",
+        block_size=64,
+        tokens_per_step=512,
+        learning_rate=2e-3,
+    )
+
+
+def test_final_metrics_take_the_last_evaluation_and_perplexity_is_exp_loss():
+    metrics = final_metrics(LOG_HISTORY)
+    assert metrics["perplexity"] == pytest.approx(20.0)
+    assert metrics["maxvio_global"] == 0.0625
+    assert metrics["maxvio_global_per_layer"] == [0.05, 0.075]
+    assert (metrics["train_loss"], metrics["train_steps"]) == (4.5, 20)
+
+
+def test_final_metrics_need_an_evaluation_with_maxvio():
+    with pytest.raises(ValueError, match="needs an evaluation"):
+        final_metrics(LOG_HISTORY[:2])
+    with pytest.raises(ValueError, match="no 'eval_maxvio_global'"):
+        final_metrics(LOG_HISTORY[:2] + [{"step": 20, "eval_loss": 1.0}])
+
+
+def test_card_metadata_is_what_the_hub_reads(card):
+    data = ModelCard(str(card)).data  # parse the rendered text back, as the Hub does
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "text-generation"
+    assert data.license == "apache-2.0"
+    assert {"mixture-of-experts", "arxiv:2408.15664"} <= set(data.tags)
+    metrics = {result.metric_type: result.metric_value for result in data.eval_results}
+    assert metrics == {"perplexity": 20.0, "maxvio_global": 0.0625}
+
+
+def test_card_text_states_the_metrics_settings_and_usage(card):
+    text = card.text
+    assert "| validation perplexity | 20.00 |" in text
+    assert "| MaxVio_global (mean over MoE layers) | 0.0625 |" in text
+    assert "| MaxVio_global, layer 1 | 0.0500 |" in text  # MoE layer 0 is decoder layer 1
+    assert "| MaxVio_global, layer 2 | 0.0750 |" in text
+    assert "| bias update rule | `sign` |" in text
+    assert "| bias update rate u | 0.001 |" in text
+    assert "| routed experts per MoE layer | 8 (width 32) |" in text
+    assert "10.2K training tokens" in text  # 20 steps x 512 tokens
+    for plot in ("maxvio_batch.png", "eval_load_heatmap.png", "bias_trajectories.png"):
+        assert f"]({plot})" in text
+    assert 'AutoModelForCausalLM.from_pretrained("someone/lossfree-moe-tiny", trust_remote_code=True)' in text
+    assert "arXiv:2408.15664" in text
+
+
+def test_active_parameters_leave_out_the_unselected_experts(tiny_config):
+    config = tiny_config()  # 2 MoE layers, 8 experts of 3 x 64 x 32 weights, top-2
+    total = LossFreeMoeForCausalLM(config).num_parameters()
+    assert count_active_parameters(config, total) == total - 2 * 6 * 3 * 64 * 32
+
+
+@pytest.mark.parametrize(("number", "text"), [(999, "999"), (76_543, "76.5K"), (1_234_567, "1.23M"), (2e9, "2B")])
+def test_human_count(number, text):
+    assert human_count(number) == text
