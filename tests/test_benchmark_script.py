@@ -1,0 +1,130 @@
+"""scripts/benchmark.py: a quick run writes a complete report; ratios and bad inputs behave. No timing is asserted."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+# One intra-op thread: spinning threads stall on a shared machine, and the quick shape gains nothing from more.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RESULT_KEYS = {
+    "family",
+    "parameters",
+    "train_step_ms",
+    "forward_ms",
+    "decode_tokens_per_s",
+    "train_step_peak_mb",
+    "train_step_samples_ms",
+    "train_step_ms_vs_glm4_moe_best",
+    "train_step_ms_vs_dense",
+    "forward_ms_vs_glm4_moe_best",
+    "forward_ms_vs_dense",
+    "decode_tokens_per_s_vs_glm4_moe_best",
+    "decode_tokens_per_s_vs_dense",
+}
+
+
+@pytest.fixture(scope="module")
+def benchmark_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The script as a user runs it, in --quick mode."""
+    output = tmp_path_factory.mktemp("bench") / "bench.json"
+    command = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--output_json", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(output.read_text()), result.stdout
+
+
+def test_quick_run_reports_every_contender(quick_run):
+    report, _ = quick_run
+    assert set(report) == {"config", "environment", "results", "balancing"}
+    assert set(report["results"]) == {
+        "LossFreeMoe sorted_mm",
+        "LossFreeMoe grouped_mm",
+        "LossFreeMoe eager",
+        "LossFreeMoe sorted_mm, no balancing",
+        "Glm4Moe grouped_mm",
+        "Glm4Moe eager",
+        "Llama dense twin (FFN 96)",
+    }
+    for name, result in report["results"].items():
+        assert set(result) == RESULT_KEYS, name
+        for key in ("train_step_ms", "forward_ms", "decode_tokens_per_s"):
+            assert math.isfinite(result[key]) and result[key] > 0, (name, key)
+        assert len(result["train_step_samples_ms"]) == report["config"]["rounds"]
+        assert result["train_step_peak_mb"] is None or result["train_step_peak_mb"] >= 0
+
+
+def test_quick_run_uses_the_same_shape_for_every_moe(quick_run):
+    report, _ = quick_run
+    params = {name: r["parameters"] for name, r in report["results"].items()}
+    # LossFreeMoe and Glm4Moe hold the same embeddings, attention, routers and experts; the dense twin only the
+    # active width.
+    assert len({params[name] for name in params if "Llama" not in name}) == 1
+    assert params["Llama dense twin (FFN 96)"] < params["Glm4Moe grouped_mm"]
+
+
+def test_quick_run_ratios_refer_to_glm4_moe_best_and_dense(quick_run):
+    results = quick_run[0]["results"]
+    glm = [r for r in results.values() if r["family"] == "glm4_moe"]
+    assert min(r["train_step_ms_vs_glm4_moe_best"] for r in glm) == pytest.approx(1.0)
+    assert max(r["decode_tokens_per_s_vs_glm4_moe_best"] for r in glm) == pytest.approx(1.0)
+    assert results["Llama dense twin (FFN 96)"]["forward_ms_vs_dense"] == pytest.approx(1.0)
+
+
+def test_quick_run_balancing_section_and_table(quick_run):
+    report, stdout = quick_run
+    balancing = report["balancing"]
+    assert balancing["balancer_step_layers"] == 27 and balancing["balancer_step_experts"] == 64
+    assert balancing["balancer_step_ms"] > 0 and math.isfinite(balancing["overhead_pct"])
+    assert report["environment"]["cpu_threads"] == 1
+    for name in report["results"]:
+        assert name in stdout
+    assert "balancer.step() on 64 experts x 27 layers" in stdout
+
+
+def test_ratios_by_hand(benchmark_script):
+    results = {
+        "ours": {"family": "ours", "train_step_ms": 90.0, "forward_ms": 30.0, "decode_tokens_per_s": 300.0},
+        "glm fast": {"family": "glm4_moe", "train_step_ms": 100.0, "forward_ms": 40.0, "decode_tokens_per_s": 200.0},
+        "glm slow": {"family": "glm4_moe", "train_step_ms": 200.0, "forward_ms": 20.0, "decode_tokens_per_s": 100.0},
+        "dense": {"family": "dense", "train_step_ms": 60.0, "forward_ms": 15.0, "decode_tokens_per_s": 600.0},
+    }
+    benchmark_script.add_ratios(results)
+    ours = results["ours"]
+    assert ours["train_step_ms_vs_glm4_moe_best"] == pytest.approx(0.9)
+    assert ours["forward_ms_vs_glm4_moe_best"] == pytest.approx(1.5)  # best forward is the other Glm4Moe row
+    assert ours["decode_tokens_per_s_vs_glm4_moe_best"] == pytest.approx(1.5)
+    assert ours["train_step_ms_vs_dense"] == pytest.approx(1.5)
+    assert ours["decode_tokens_per_s_vs_dense"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "tpu"], "device must be one of"),
+        (["--dtype", "float16"], "dtype must be one of"),
+        (["--implementations", "sorted_mm,no_such_kernel"], "implementations must be a comma-separated subset"),
+        (["--glm_implementations", ""], "glm_implementations must be a comma-separated subset"),
+        (["--rounds", "0"], "rounds must be >= 1"),
+        (["--warmup", "-1"], "warmup must be >= 0"),
+        (["--threads", "0"], "threads must be >= 1"),
+    ],
+)
+def test_bad_arguments_raise(benchmark_script, flags, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark_script.main(flags)

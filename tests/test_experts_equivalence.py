@@ -1,0 +1,149 @@
+"""Every experts implementation computes the same MoE layer: outputs and gradients match the `eager` reference loop."""
+
+import pytest
+import torch
+from transformers import GptOssConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+from hf_lossfree_moe import LossFreeMoeForCausalLM, LossFreeMoeSparseMoeBlock
+from hf_lossfree_moe.sorted_experts import SORTED_MM
+
+
+IMPLEMENTATIONS = ["grouped_mm", "batched_mm", SORTED_MM]
+NUM_TOKENS = 24
+# Selection is on `score + bias` with scores in (0, 1): expert 0 wins every token, experts 6 and 7 never win.
+UNEVEN_BIAS = [2.0, 0.3, 0.0, 0.0, 0.1, 0.0, -2.0, -2.0]
+NEVER_SELECTED = [6, 7]
+
+
+@pytest.fixture
+def moe_block(tiny_config):
+    """An MoE layer (8 experts, top-2, hidden 64) with unit-scale weights and the routing bias above."""
+    block = LossFreeMoeSparseMoeBlock(tiny_config())
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=param.size(-1) ** -0.5)
+    block.gate.e_score_correction_bias.copy_(torch.tensor(UNEVEN_BIAS))
+    return block
+
+
+def forward_backward(block, implementation, hidden_states, projection):
+    """Output and the gradients of `sum(output * projection)` w.r.t. input, router and expert weights."""
+    block.experts.config._experts_implementation = implementation
+    block.zero_grad(set_to_none=True)
+    hidden_states = hidden_states.detach().requires_grad_()
+    output = block(hidden_states)
+    (output * projection).sum().backward()
+    experts = block.experts
+    return {
+        "output": output.detach(),
+        "input": hidden_states.grad,
+        "router_weight": block.gate.weight.grad,
+        "gate_up_proj": experts.gate_up_proj.grad,
+        "down_proj": experts.down_proj.grad,
+    }
+
+
+def test_routing_is_uneven_with_idle_experts(moe_block):
+    with torch.no_grad():
+        _, _, topk_indices = moe_block.gate(torch.randn(NUM_TOKENS, 64))
+    loads = torch.bincount(topk_indices.flatten(), minlength=8)
+    assert loads[0] == NUM_TOKENS
+    assert loads[NEVER_SELECTED].tolist() == [0, 0]
+    assert loads.sum() == 2 * NUM_TOKENS
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_outputs_and_gradients_match_eager(moe_block, implementation):
+    hidden_states = torch.randn(2, NUM_TOKENS // 2, 64)
+    projection = torch.randn(2, NUM_TOKENS // 2, 64)
+    expected = forward_backward(moe_block, "eager", hidden_states, projection)
+    actual = forward_backward(moe_block, implementation, hidden_states, projection)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-6, msg=f"{implementation}: {name}")
+    for name in ("gate_up_proj", "down_proj"):
+        assert actual[name][NEVER_SELECTED].abs().max() == 0, f"{implementation}: idle experts get no {name} grad"
+        assert actual[name][0].abs().max() > 0
+
+
+def test_sorted_mm_leaves_frozen_experts_without_gradient(moe_block):
+    moe_block.experts.requires_grad_(False)
+    hidden_states = torch.randn(1, NUM_TOKENS, 64)
+    projection = torch.randn(1, NUM_TOKENS, 64)
+    expected = forward_backward(moe_block, "eager", hidden_states, projection)
+    actual = forward_backward(moe_block, SORTED_MM, hidden_states, projection)
+    assert actual["gate_up_proj"] is None and actual["down_proj"] is None
+    torch.testing.assert_close(actual["input"], expected["input"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(actual["router_weight"], expected["router_weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_sorted_mm_single_token_without_grad(moe_block):
+    hidden_states = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        moe_block.experts.config._experts_implementation = "eager"
+        expected = moe_block(hidden_states)
+        moe_block.experts.config._experts_implementation = SORTED_MM
+        actual = moe_block(hidden_states)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sorted_mm_in_bfloat16_stays_close_to_float32(moe_block):
+    hidden_states = torch.randn(2, NUM_TOKENS // 2, 64)
+    moe_block.experts.config._experts_implementation = "eager"
+    with torch.no_grad():
+        reference = moe_block(hidden_states)
+        moe_block.to(torch.bfloat16)
+        moe_block.experts.config._experts_implementation = SORTED_MM
+        actual = moe_block(hidden_states.bfloat16())
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+def test_sorted_mm_handles_other_weight_layouts():
+    """gpt-oss stores transposed, interleaved gate/up weights with biases: sorted_mm must still match eager."""
+    config = GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
+    experts = GptOssExperts(config)
+    for param in experts.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    hidden_states = torch.randn(10, 32)
+    top_k_index = torch.tensor([[0, 1]] * 7 + [[0, 2]] * 3)
+    top_k_weights = torch.rand(10, 2)
+    config._experts_implementation = "eager"
+    expected = experts(hidden_states, top_k_index, top_k_weights)
+    config._experts_implementation = SORTED_MM
+    torch.testing.assert_close(experts(hidden_states, top_k_index, top_k_weights), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sorted_mm_is_the_default_and_travels_with_saved_models(tmp_path, tiny_config):
+    assert LossFreeMoeForCausalLM(tiny_config()).config._experts_implementation == SORTED_MM
+    LossFreeMoeForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    assert (tmp_path / "sorted_experts.py").exists()
+    assert LossFreeMoeForCausalLM.from_pretrained(tmp_path).config._experts_implementation == SORTED_MM
+
+
+def test_experts_implementation_is_chosen_by_name(tiny_config):
+    model = LossFreeMoeForCausalLM._from_config(tiny_config(), experts_implementation="eager")
+    assert model.config._experts_implementation == "eager"
+    model.set_experts_implementation(SORTED_MM)
+    assert model.config._experts_implementation == SORTED_MM
+    with pytest.raises(ValueError, match="experts_implementation"):
+        model.set_experts_implementation("no_such_kernel")
+
+
+def test_training_step_loss_and_gradients_match_across_implementations(tiny_config):
+    model = LossFreeMoeForCausalLM(tiny_config())
+    for router in model.routers():
+        router.e_score_correction_bias.copy_(torch.tensor(UNEVEN_BIAS))
+    input_ids = torch.randint(3, 128, (2, 12))
+    results = {}
+    for implementation in ["eager", *IMPLEMENTATIONS]:
+        model.set_experts_implementation(implementation)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        results[implementation] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    expected_loss, expected_grads = results["eager"]
+    for implementation in IMPLEMENTATIONS:
+        loss, grads = results[implementation]
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=f"{implementation}: {name}")
