@@ -1,0 +1,126 @@
+"""Replay the paper's experiments at small scale: loss-free vs. aux-loss vs. no balancing, plus its ablations.
+
+Every method trains the same-shape DeepSeekMoE-style model from the same initial weights, on the same data in the same
+order, for several seeds; the results folder gets a Markdown table in the paper's format (results.md), every number
+(results.json), the MaxVio_batch curves (maxvio_batch_<comparison>.png) and per-expert load heatmaps
+(expert_loads_<method>.png).
+
+    python scripts/reproduce_paper.py --quick --output_dir results_quick           # smoke test, a few minutes
+    python scripts/reproduce_paper.py --output_dir results                         # 3 methods x 3 seeds on CPU
+    python scripts/reproduce_paper.py --ablations all --output_dir results_ablations
+    python scripts/reproduce_paper.py --device cuda --hidden_size 512 --max_steps 5000 --output_dir results_gpu
+"""
+
+import sys
+from dataclasses import dataclass, field, fields, make_dataclass, replace
+
+from transformers import HfArgumentParser
+
+from hf_lossfree_moe.data import EMBEDDED_CORPUS_NAME, TEXT_COLUMN, load_text_datasets
+from hf_lossfree_moe.reproduce import (
+    ABLATIONS,
+    DEFAULT_SCALE,
+    DEVICES,
+    QUICK_SCALE,
+    Scale,
+    describe_settings,
+    methods_of,
+    plan_execution,
+    prepare_blocks,
+    replay,
+    select_comparisons,
+    write_outputs,
+)
+
+
+@dataclass
+class ReplayArguments:
+    output_dir: str = field(default="reproduce_results", metadata={"help": "Folder for the table, JSON and plots."})
+    quick: bool = field(
+        default=False, metadata={"help": "Smoke test: a tiny model, a few steps and seed 0 unless --seeds is given."}
+    )
+    seeds: list[int] | None = field(
+        default=None, metadata={"help": "Seeds of every method (default: 0 1 2; with --quick: 0)."}
+    )
+    ablations: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"Ablations besides the main comparison: 'all' or any of {sorted(ABLATIONS)}, space- or comma-separated."
+        },
+    )
+    device: str = field(default="cpu", metadata={"help": f"One of {DEVICES}."})
+    bf16: bool = field(default=False, metadata={"help": "Train in bf16 mixed precision (GPUs)."})
+    workers: int | None = field(
+        default=None,
+        metadata={"help": "Runs trained at once in separate processes (default on CPU: one per core; GPU: 1)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": f"A `datasets` dataset (default: the embedded {EMBEDDED_CORPUS_NAME!r})."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    train_file: str | None = field(default=None, metadata={"help": "A local .txt/.json/.jsonl/.csv training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "A local validation file, same format."})
+    text_column_name: str = field(default=TEXT_COLUMN, metadata={"help": "Column holding the text."})
+    validation_split_percentage: int = field(
+        default=10,
+        metadata={
+            "help": "Percent of the documents held out when the data has no validation split. 10, not 5: "
+            "MaxVio_global should measure balance over many documents, and 5%% of the embedded corpus is dominated "
+            "by a few long ones."
+        },
+    )
+
+
+# Every Scale field as an optional flag: unset flags keep the preset's value (DEFAULT_SCALE, or QUICK_SCALE).
+ScaleArguments = make_dataclass(
+    "ScaleArguments",
+    [
+        (
+            spec.name,
+            spec.type | None,
+            field(
+                default=None,
+                metadata={
+                    "help": f"{spec.metadata['help']} Default {getattr(DEFAULT_SCALE, spec.name)}, "
+                    f"with --quick {getattr(QUICK_SCALE, spec.name)}."
+                },
+            ),
+        )
+        for spec in fields(Scale)
+    ],
+)
+
+
+def main(argv: list[str] | None = None):
+    parser = HfArgumentParser((ReplayArguments, ScaleArguments, DataArguments))
+    replay_args, scale_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    overrides = {name: value for name, value in vars(scale_args).items() if value is not None}
+    scale = replace(QUICK_SCALE if replay_args.quick else DEFAULT_SCALE, **overrides)
+    seeds = replay_args.seeds or ([0] if replay_args.quick else [0, 1, 2])
+    comparisons = select_comparisons(replay_args.ablations)
+
+    text = load_text_datasets(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        text_column=data_args.text_column_name,
+        validation_split_percentage=data_args.validation_split_percentage,
+    )
+    blocks, vocab_size = prepare_blocks(text.splits, scale.vocab_size, scale.block_size, data_args.text_column_name)
+    data = f"{text.source}; validation: {text.validation_source}"
+    num_runs = len(methods_of(comparisons)) * len(seeds)
+    execution = plan_execution(num_runs, replay_args.device, replay_args.workers, replay_args.bf16)
+    settings = describe_settings(scale, blocks, vocab_size, data, seeds)
+    settings["execution"] = f"{execution.describe()}; wall time covers training and evaluation"
+    results = replay(comparisons, seeds, scale, blocks, vocab_size, execution)
+    output_dir = write_outputs(replay_args.output_dir, comparisons, results, settings, scale)
+    print(f"Results in {output_dir}: results.md, results.json, maxvio_batch_*.png, expert_loads_*.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

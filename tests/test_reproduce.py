@@ -1,0 +1,264 @@
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_lossfree_moe import LossFreeBalancer, maxvio
+from hf_lossfree_moe.reproduce import (
+    ABLATIONS,
+    MAIN_COMPARISON,
+    METHODS,
+    RunResult,
+    Scale,
+    build_model,
+    evaluate,
+    final_mean,
+    markdown_report,
+    markdown_table,
+    methods_of,
+    plan_execution,
+    select_comparisons,
+    summarize,
+    write_json,
+)
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_paper.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A model small enough for unit tests: 3 layers (the first dense), 8 routed experts, top-2.
+TINY_SCALE = Scale(
+    vocab_size=300,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    block_size=16,
+    batch_size=4,
+    max_steps=5,
+    eval_batch_size=3,
+)
+
+
+def run_result(method: str, seed: int, perplexity: float, maxvio_global: float, maxvio_batch: float, wall: float):
+    return RunResult(
+        method=method,
+        seed=seed,
+        val_loss=math.log(perplexity),
+        val_perplexity=perplexity,
+        maxvio_global=maxvio_global,
+        maxvio_global_per_layer=[maxvio_global],
+        final_maxvio_batch=maxvio_batch,
+        maxvio_batch=[maxvio_batch],
+        bias_abs_max=[0.0],
+        train_loss=[1.0],
+        val_loads=[[1, 1]],
+        router_names=["model.layers.1.mlp.gate"],
+        final_biases=[[0.0, 0.0]],
+        wall_time_s=wall,
+    )
+
+
+@pytest.fixture
+def hand_made_results():
+    """Three seeds per main method. loss_free: perplexity 10, 11, 12 (mean 11, sample std 1); aux_loss: 9, 9, 12
+    (mean 10, std sqrt(3)); none: 20 each (std 0)."""
+    return [
+        run_result("loss_free", 0, 10.0, 0.1, 0.5, 100.0),
+        run_result("loss_free", 1, 11.0, 0.2, 0.5, 110.0),
+        run_result("loss_free", 2, 12.0, 0.3, 0.5, 120.0),
+        run_result("aux_loss", 0, 9.0, 0.7, 1.0, 90.0),
+        run_result("aux_loss", 1, 9.0, 0.7, 1.0, 90.0),
+        run_result("aux_loss", 2, 12.0, 1.0, 1.0, 120.0),
+        run_result("none", 0, 20.0, 3.0, 4.0, 80.0),
+        run_result("none", 1, 20.0, 3.0, 4.0, 80.0),
+        run_result("none", 2, 20.0, 3.0, 4.0, 80.0),
+    ]
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(hand_made_results):
+    summary = summarize(hand_made_results)
+    assert list(summary) == ["loss_free", "aux_loss", "none"]
+    assert summary["loss_free"]["val_perplexity"] == {"mean": 11.0, "std": 1.0, "n": 3}
+    assert summary["loss_free"]["maxvio_global"]["mean"] == pytest.approx(0.2)
+    assert summary["loss_free"]["maxvio_global"]["std"] == pytest.approx(0.1)
+    assert summary["aux_loss"]["val_perplexity"]["std"] == pytest.approx(math.sqrt(3))
+    assert summary["none"]["wall_time_s"] == {"mean": 80.0, "std": 0.0, "n": 3}
+
+
+def test_markdown_table_rows_in_the_papers_format(hand_made_results):
+    table = markdown_table(MAIN_COMPARISON, summarize(hand_made_results)).splitlines()
+    assert table[0] == (
+        "| Method | Validation perplexity | MaxVio_global | MaxVio_batch (final) | Wall time (s) "
+        "| Paper, 1B: perplexity / MaxVio_global |"
+    )
+    assert table[2:] == [
+        "| Loss-Controlled (aux loss, α=1e-3) | 10.00 ± 1.73 | 0.800 ± 0.173 | 1.000 ± 0.000 | 100 ± 17 | 9.56 / 0.72 |",
+        "| Loss-Free (u=1e-3, sign) | 11.00 ± 1.00 | 0.200 ± 0.100 | 0.500 ± 0.000 | 110 ± 10 | 9.50 / 0.04 |",
+        "| No balancing | 20.00 ± 0.00 | 3.000 ± 0.000 | 4.000 ± 0.000 | 80 ± 0 | — |",
+    ]
+
+
+def test_one_seed_is_reported_without_a_spread(hand_made_results):
+    one_seed = [result for result in hand_made_results if result.seed == 0]
+    report = markdown_report([MAIN_COMPARISON], summarize(one_seed), {"seeds": [0]})
+    assert "| Loss-Free (u=1e-3, sign) | 10.00 | 0.100 | 0.500 | 100 | 9.50 / 0.04 |" in report
+    assert "- seeds: [0]" in report
+    assert "over 1 seed(s)" in report
+
+
+def test_json_holds_every_run_and_the_summary(hand_made_results, tmp_path):
+    path = tmp_path / "results.json"
+    write_json(path, {"seeds": [0, 1, 2]}, TINY_SCALE, hand_made_results, summarize(hand_made_results))
+    payload = json.loads(path.read_text())
+    assert payload["settings"] == {"seeds": [0, 1, 2]}
+    assert payload["scale"]["n_routed_experts"] == 8
+    assert payload["summary"]["loss_free"]["val_perplexity"] == {"mean": 11.0, "std": 1.0, "n": 3}
+    assert [(run["method"], run["seed"]) for run in payload["runs"]][:3] == [("loss_free", s) for s in (0, 1, 2)]
+    assert [run["val_perplexity"] for run in payload["runs"] if run["method"] == "aux_loss"] == [9.0, 9.0, 12.0]
+
+
+def test_final_maxvio_batch_averages_the_last_five_percent_of_steps():
+    assert final_mean(list(range(100))) == pytest.approx((95 + 96 + 97 + 98 + 99) / 5)
+    assert final_mean([4.0, 2.0]) == 2.0
+
+
+def test_maxvio_global_counts_every_validation_token_apart_from_training(tiny_config):
+    """Biases of +10 force every token to experts 0 and 1 (scores are in (0, 1)): each MoE layer's loads are
+    [N, N, 0, ..., 0] for N validation tokens, so MaxVio = (N - 2N/8) / (2N/8) = 3."""
+    model = build_model(METHODS["loss_free"], TINY_SCALE, vocab_size=128, seed=0)
+    balancer = LossFreeBalancer(model)
+    for router in balancer.routers:
+        router.e_score_correction_bias[:2] = 10.0
+    blocks = torch.randint(0, 128, (7, 16))  # 112 tokens in batches of 3, 3 and 1
+    _, loads = evaluate(model, balancer, blocks, batch_size=3)
+    expected = torch.zeros(2, 8, dtype=torch.int64)
+    expected[:, :2] = 112
+    assert torch.equal(loads, expected)
+    assert balancer.loads.sum() == 0  # training loads untouched: the next step() sees none of these tokens
+    assert maxvio(loads).tolist() == [3.0, 3.0]
+
+
+def test_validation_loss_leaves_out_the_balance_loss():
+    """An aux-loss model's `loss` includes alpha * aux_loss; `evaluate` reports the language-model loss alone, which is
+    that of the same weights without a balance loss (same seed, same weights for every method)."""
+    aux_model = build_model(METHODS["aux_loss"], TINY_SCALE, vocab_size=128, seed=3)
+    plain_model = build_model(METHODS["none"], TINY_SCALE, vocab_size=128, seed=3).eval()
+    blocks = torch.randint(0, 128, (5, 16))
+    balancer = LossFreeBalancer(aux_model)
+    loss, _ = evaluate(aux_model, balancer, blocks, batch_size=2)
+    with torch.no_grad():
+        lm_loss = plain_model(input_ids=blocks, labels=blocks).loss.item()
+        with_balance = aux_model(input_ids=blocks, labels=blocks).loss.item()
+    assert loss == pytest.approx(lm_loss, rel=1e-5)
+    assert with_balance > lm_loss + 1e-4
+
+
+def test_every_method_starts_from_the_same_weights_for_a_seed():
+    reference = dict(build_model(METHODS["loss_free"], TINY_SCALE, 128, seed=1).named_parameters())
+    for name in ("aux_loss", "none", "loss_free_error", "softmax_loss_free", "loss_free_seq_aux"):
+        parameters = dict(build_model(METHODS[name], TINY_SCALE, 128, seed=1).named_parameters())
+        assert all(torch.equal(parameters[key], value) for key, value in reference.items()), name
+    other_seed = dict(build_model(METHODS["loss_free"], TINY_SCALE, 128, seed=2).named_parameters())
+    assert not torch.equal(other_seed["lm_head.weight"], reference["lm_head.weight"])
+
+
+def test_ablation_selection():
+    comparisons = select_comparisons(["all"])
+    assert [c.name for c in comparisons] == ["main", *ABLATIONS]
+    names = [method.name for method in methods_of(comparisons)]
+    assert len(names) == len(set(names)) == 10
+    assert [c.name for c in select_comparisons(["rule", "rule"])] == ["main", "rule"]
+    assert [c.name for c in select_comparisons(["softmax,rule"])] == ["main", "softmax", "rule"]
+    assert [c.name for c in select_comparisons([])] == ["main"]
+    with pytest.raises(ValueError, match="--ablations must be 'all' or names among"):
+        select_comparisons(["learning_rate"])
+
+
+def test_bad_scale_and_workers_raise():
+    with pytest.raises(ValueError, match="--max_steps must be > 0"):
+        Scale(max_steps=0)
+    with pytest.raises(ValueError, match="--learning_rate must be a finite number"):
+        Scale(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="--batch_size must be an integer"):
+        Scale(batch_size=2.5)
+    with pytest.raises(ValueError, match="--workers must be an integer >= 1"):
+        plan_execution(3, "cpu", workers=0)
+    with pytest.raises(ValueError, match="--device must be one of"):
+        plan_execution(3, "tpu")
+    assert plan_execution(9, "cuda").workers == 1
+    one_run = plan_execution(1, "cpu")
+    assert one_run.workers == 1 and one_run.threads >= 1
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("reproduce_paper", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_outputs(output_dir: Path, steps: int):
+    results = json.loads((output_dir / "results.json").read_text())
+    runs = {run["method"]: run for run in results["runs"]}
+    assert set(runs) == {"aux_loss", "loss_free", "none"}
+    for run in runs.values():
+        assert len(run["maxvio_batch"]) == steps
+        assert math.isfinite(run["val_perplexity"]) and run["val_perplexity"] > 1
+        assert run["maxvio_global"] >= 0
+    # Only loss-free moves its biases, by u = 1e-3 per step at most.
+    assert 0 < max(abs(b) for row in runs["loss_free"]["final_biases"] for b in row) <= steps * 1e-3 + 1e-7
+    for method in ("aux_loss", "none"):
+        assert all(b == 0 for row in runs[method]["final_biases"] for b in row)
+    report = (output_dir / "results.md").read_text()
+    for method in ("aux_loss", "loss_free", "none"):
+        assert f"| {METHODS[method].label} |" in report
+    for png in (
+        "maxvio_batch_main.png",
+        "expert_loads_aux_loss.png",
+        "expert_loads_loss_free.png",
+        "expert_loads_none.png",
+    ):
+        assert (output_dir / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cut_down_replay_writes_table_json_and_plots(tmp_path):
+    rng = random.Random(0)
+    words = "router expert token bias load balance layer score gate update sign mean step".split()
+    paragraphs = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)]
+    train_file = tmp_path / "corpus.txt"
+    train_file.write_text("\n\n".join(paragraphs))
+    output_dir = tmp_path / "results"
+    load_script().main(
+        [
+            "--quick",
+            "--train_file",
+            str(train_file),
+            "--validation_split_percentage",
+            "20",
+            "--vocab_size",
+            "300",
+            "--block_size",
+            "16",
+            "--max_steps",
+            "4",
+            "--workers",
+            "1",
+            "--output_dir",
+            str(output_dir),
+        ]
+    )
+    check_outputs(output_dir, steps=4)
+
+
+@pytest.mark.slow
+def test_quick_replay_end_to_end(tmp_path):
+    """The documented smoke test, on the embedded corpus, with the default worker processes."""
+    load_script().main(["--quick", "--output_dir", str(tmp_path)])
+    check_outputs(tmp_path, steps=40)
