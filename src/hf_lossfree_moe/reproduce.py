@@ -9,7 +9,6 @@ aggregated over seeds to mean ± sample std and written as a Markdown table, a J
 """
 
 import json
-import logging
 import math
 import os
 import statistics
@@ -36,8 +35,6 @@ from .data import TEXT_COLUMN, tokenize_and_group, train_bpe_tokenizer
 from .modeling_lossfree_moe import LossFreeMoeForCausalLM
 from .plotting import plot_eval_load_heatmap
 
-
-logger = logging.getLogger(__name__)
 
 # MaxVio_batch "at the end of training" averages the last 5% of the steps: one step alone is mostly sampling noise.
 FINAL_WINDOW_FRACTION = 0.05
@@ -161,16 +158,19 @@ def _help(text: str) -> dict:
 class Scale:
     """Model shape and training budget shared by every run of a replay.
 
-    The defaults fit 3 methods x 3 seeds in about half an hour on 2 CPU cores (one single-threaded run per core at
-    about 0.26 s per step). What mattered, measured with loss-free on the embedded corpus:
+    The defaults fit 3 methods x 3 seeds in about half an hour on 2 CPU cores: one single-threaded run per core at
+    about 0.27 s per step (a second thread per run bought nothing). The budget is about 2.5M tokens per run; how it
+    is cut into steps x sequences x tokens decides what each method can show (seed 0, embedded corpus, measured):
 
-    - many short sequences per step: the bias update sees the load of one step, and 16 blocks of 128 tokens come
-      from 16 places in the corpus, so that load follows whichever topics the step drew; 32 blocks of 64 tokens (the
-      same 2048 tokens) lowered MaxVio_global from 0.16 to 0.11 at equal perplexity;
-    - enough steps but not more epochs: the sign rule moves a bias by u = 1e-3 per step, and after the early routing
-      collapse the biases need a few hundred steps to reach their working range (about 0.25); doubling the steps
-      to 12 epochs overfit (perplexity 39 -> 45) and balanced the validation split no better;
-    - a 2048-token vocabulary: at 4096 the LM head is a third of the compute.
+    - 1200 x 16 x 128 (default): loss-free perplexity 38.9, MaxVio_global 0.16; aux loss 40.5, 0.87; none 39.7, 5.4.
+    - 1200 x 32 x 64: loss-free 39.3, 0.12; aux loss 38.7, 0.41. The aux loss is sequence-wise, and over 64-token
+      sequences it balances much harder than over the paper's long ones, so this cut changes the baseline.
+    - 600 x 32 x 128: loss-free 46.6, 0.12; aux loss 46.9, 0.53; half the optimizer steps leave the model undertrained.
+    - 2400 x 16 x 128: 12 epochs overfit (loss-free perplexity 44.6) and balance the validation split no better (0.20).
+
+    The sign rule moves a bias by u = 1e-3 per step; after the routing collapse of the first 50 steps the biases need
+    a few hundred steps to reach their working range (about 0.25), which is why steps are not traded for batch size.
+    A 2048-token vocabulary keeps the LM head small (at 4096 it is a third of the compute).
     """
 
     vocab_size: int = field(default=2048, metadata=_help("Size of the BPE vocabulary trained on the training split."))
@@ -182,8 +182,8 @@ class Scale:
     n_routed_experts: int = field(default=16, metadata=_help("Fine-grained routed experts per MoE layer."))
     n_shared_experts: int = field(default=1, metadata=_help("Always-on shared experts per MoE layer."))
     num_experts_per_tok: int = field(default=2, metadata=_help("Routed experts per token (top-K)."))
-    block_size: int = field(default=64, metadata=_help("Tokens per training sequence."))
-    batch_size: int = field(default=32, metadata=_help("Sequences per optimizer step."))
+    block_size: int = field(default=128, metadata=_help("Tokens per training sequence."))
+    batch_size: int = field(default=16, metadata=_help("Sequences per optimizer step."))
     max_steps: int = field(default=1200, metadata=_help("Optimizer steps, hence bias updates, per run."))
     learning_rate: float = field(default=2e-3, metadata=_help("Peak AdamW learning rate (cosine schedule)."))
     warmup_steps: float = field(default=0.05, metadata=_help("Warmup steps; below 1, a fraction of max_steps."))
@@ -231,6 +231,7 @@ QUICK_SCALE = Scale(
     intermediate_size=128,
     moe_intermediate_size=32,
     n_routed_experts=8,
+    block_size=64,
     batch_size=8,
     max_steps=40,
 )
@@ -254,7 +255,10 @@ def prepare_blocks(
 
 @dataclass(frozen=True)
 class Execution:
-    """Where runs train: the device, how many runs at once (worker processes) and torch threads per run."""
+    """Where runs train: the device, how many runs at once (worker processes) and torch threads per worker process.
+
+    `threads=None` leaves torch's setting alone (runs in this process never change it).
+    """
 
     device: str = "cpu"
     workers: int = 1
@@ -268,8 +272,8 @@ class Execution:
 
 
 def plan_execution(num_runs: int, device: str = "cpu", workers: int | None = None, bf16: bool = False) -> Execution:
-    """By default on CPU one single-threaded run per core, as models this small gain nothing from a second thread
-    (measured: 0.27 s per step with 1 or 2 threads); on a GPU one run at a time with torch's default threads."""
+    """By default on CPU one single-threaded run per core, since models this small gain nothing from a second thread
+    (measured: 0.27 s per step with 1 or 2) and lose much on a busy machine; on a GPU one run at a time."""
     if device not in DEVICES:
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}.")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -278,7 +282,7 @@ def plan_execution(num_runs: int, device: str = "cpu", workers: int | None = Non
         return Execution(device, workers or 1, None, bf16)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = workers or max(1, min(num_runs, cores))
-    return Execution(device, workers, max(1, cores // workers), bf16)
+    return Execution(device, workers, max(1, cores // workers) if workers > 1 else None, bf16)
 
 
 @dataclass
@@ -295,7 +299,8 @@ class RunSpec:
 
 @dataclass
 class RunResult:
-    """Numbers of one run. Loads are (MoE layers, experts) token counts over the validation split."""
+    """Numbers of one run. Curves have one value per optimizer step; `train_loss` is the Trainer's (with an aux-loss
+    model, its balance term included). Loads are (MoE layers, experts) token counts over the validation split."""
 
     method: str
     seed: int
@@ -368,8 +373,6 @@ def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
 
 def train_and_evaluate(spec: RunSpec) -> RunResult:
     """Train one method with one seed, then evaluate it on the validation blocks."""
-    if spec.execution.threads is not None:
-        torch.set_num_threads(spec.execution.threads)
     start = time.perf_counter()
     model = build_model(spec.method, spec.scale, spec.vocab_size, spec.seed)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -404,11 +407,17 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     return result
 
 
-def run_all(specs: Sequence[RunSpec], workers: int) -> list[RunResult]:
-    """Run every spec, in `workers` processes when above 1; results come back in the order of `specs`."""
-    if workers == 1:
+def run_all(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:
+    """Run every spec, in `execution.workers` processes when above 1; results come back in the order of `specs`."""
+    if execution.workers == 1:
         return [_logged_run(spec) for spec in specs]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=execution.workers,
+        mp_context=get_context("spawn"),
+        initializer=None if execution.threads is None else torch.set_num_threads,
+        initargs=() if execution.threads is None else (execution.threads,),
+    )
+    with pool:
         return list(pool.map(_logged_run, specs))
 
 
@@ -596,12 +605,17 @@ def replay(
     """Train and evaluate every method of `comparisons` with every seed; results ordered by seed, then method."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must list at least one seed, each once, got {list(seeds)}.")
+    if len(blocks["train"]) < scale.batch_size:
+        raise ValueError(
+            f"--batch_size {scale.batch_size} exceeds the {len(blocks['train'])} training blocks; use a smaller "
+            "--batch_size or --block_size, or more data."
+        )
     specs = [
         RunSpec(method, seed, scale, blocks, vocab_size, execution)
         for seed in seeds
         for method in methods_of(comparisons)
     ]
-    return run_all(specs, execution.workers)
+    return run_all(specs, execution)
 
 
 __all__ = [
@@ -624,6 +638,7 @@ __all__ = [
     "markdown_table",
     "mean_std",
     "methods_of",
+    "moving_average",
     "plan_execution",
     "plot_maxvio_batch",
     "prepare_blocks",
