@@ -5,9 +5,9 @@ order, for several seeds; the results folder gets a Markdown table in the paper'
 (results.json), the MaxVio_batch curves (maxvio_batch_<comparison>.png) and per-expert load heatmaps
 (expert_loads_<method>.png).
 
-    python scripts/reproduce_paper.py --quick --output_dir results_quick           # smoke test, a few minutes
-    python scripts/reproduce_paper.py --output_dir results                         # 3 methods x 3 seeds on CPU
-    python scripts/reproduce_paper.py --ablations all --output_dir results_ablations
+    python scripts/reproduce_paper.py --quick --output_dir results_quick     # smoke test: under a minute
+    python scripts/reproduce_paper.py --output_dir results                   # 3 methods x 3 seeds: ~30 min, 2 cores
+    python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 10 methods
     python scripts/reproduce_paper.py --device cuda --hidden_size 512 --max_steps 5000 --output_dir results_gpu
 """
 
@@ -45,7 +45,8 @@ class ReplayArguments:
     ablations: list[str] = field(
         default_factory=list,
         metadata={
-            "help": f"Ablations besides the main comparison: 'all' or any of {sorted(ABLATIONS)}, space- or comma-separated."
+            "help": f"Ablations besides the main comparison: 'all' or any of {sorted(ABLATIONS)}, "
+            "space- or comma-separated."
         },
     )
     device: str = field(default="cpu", metadata={"help": f"One of {DEVICES}."})

@@ -278,6 +278,8 @@ def plan_execution(num_runs: int, device: str = "cpu", workers: int | None = Non
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}.")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"--workers must be an integer >= 1, got {workers!r}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU, and torch sees none; use --device cpu.")
     if device != "cpu":
         return Execution(device, workers or 1, None, bf16)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -562,8 +564,8 @@ def describe_settings(scale: Scale, blocks: DatasetDict, vocab_size: int, data: 
             f"{scale.max_steps} steps x {scale.batch_size} x {scale.block_size} tokens = "
             f"{scale.max_steps * scale.tokens_per_step / 1e6:.2f}M tokens "
             f"({scale.max_steps * scale.tokens_per_step / train_tokens:.2g} epochs of {train_tokens / 1e3:.0f}k), "
-            f"AdamW (lr {scale.learning_rate:g}, cosine, weight decay {scale.weight_decay:g}), same initial weights and "
-            "batch order for every method of a seed"
+            f"AdamW (lr {scale.learning_rate:g}, cosine, weight decay {scale.weight_decay:g}), "
+            "same initial weights and batch order for every method of a seed"
         ),
         "validation": f"{len(blocks['validation'])} blocks x {scale.block_size} tokens, the same for every run",
         "seeds": list(seeds),
