@@ -113,6 +113,11 @@ def test_ratios_by_hand(benchmark_script):
     assert ours["decode_tokens_per_s_vs_dense"] == pytest.approx(0.5)
 
 
+def test_balancing_overhead_is_the_median_of_paired_rounds(benchmark_script):
+    # A load spike in one round (2.0 vs 1.0) moves neither the pairing nor the median: rounds give +2%, +10%, +100%.
+    assert benchmark_script.paired_overhead_pct([1.02, 2.2, 2.0], [1.0, 2.0, 1.0]) == pytest.approx(10.0)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
