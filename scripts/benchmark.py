@@ -72,7 +72,7 @@ class BenchmarkArguments:
         default="auto", metadata={"help": "float32, bfloat16, or auto (bfloat16 on cuda, float32 on cpu)."}
     )
     threads: int | None = field(default=None, metadata={"help": "CPU intra-op threads; default: torch's choice."})
-    rounds: int = field(default=5, metadata={"help": "Timed rounds; every round times every contender once."})
+    rounds: int = field(default=7, metadata={"help": "Timed rounds; every round times every contender once."})
     warmup: int = field(default=2, metadata={"help": "Untimed calls per contender before the timed rounds."})
     implementations: str = field(
         default="sorted_mm,grouped_mm,eager",
@@ -87,7 +87,7 @@ class BenchmarkArguments:
     )
     decode_batch_size: int = field(default=1, metadata={"help": "Sequences decoded together."})
     decode_prompt_len: int = field(default=32, metadata={"help": "Prompt tokens before greedy decoding."})
-    decode_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per decode call."})
+    decode_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per decode call."})
     balancer_layers: int = field(default=27, metadata={"help": "Routers of the model `balancer.step()` is timed on."})
     balancer_experts: int = field(default=64, metadata={"help": "Experts per router of that model."})
     balancer_repeats: int = field(default=50, metadata={"help": "Timed `balancer.step()` calls (median)."})

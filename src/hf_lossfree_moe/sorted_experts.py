@@ -1,10 +1,12 @@
-"""`sorted_mm`: a CPU experts kernel for transformers' experts interface, registered on import.
+"""`sorted_mm`: an experts kernel for transformers' experts interface, faster on CPU; registered on import.
 
-transformers' `grouped_mm` path pays, on CPU, for a `torch._grouped_mm` kernel slower than plain `mm` calls and for
-autograd's `index` / `index_put` backward, which scatters serially. This kernel sorts the K copies of every token by
-expert once, multiplies each expert's contiguous rows with one `mm`, and writes the backward of the gather and of the
-weighted sum by hand, reusing the same permutation: every step is a parallel `index_select`, `mm` or `bmm`.
-Accelerators keep transformers' `grouped_mm`, whose fused kernels are the fast path there.
+On CPU, transformers' `grouped_mm` spends a good part of a training step outside its matrix products: the backward
+of the gather `hidden_states[perm // K]` and of the un-permutation `out[inv_perm]` is a serial `index_put_` scatter,
+and the routing weights scale the wide (T*K, H) expert outputs. This kernel sorts the K copies of the tokens by expert
+once, gathers them with `index_select` (whose backward is a parallel `index_add_`), runs one `mm` per expert that
+received tokens over its contiguous rows, applies the routing weights to the narrower (T*K, F) activation, and sums
+each token's copies back with `index_add_`: no inverse permutation, no serial scatter. On other devices, and for
+expert layouts other than concatenated [gate; up] weights without biases, it is transformers' `grouped_mm`.
 This file imports nothing from `hf_lossfree_moe`, so it travels with the modeling file to the Hub.
 """
 
@@ -38,9 +40,9 @@ class _ExpertsLinear(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_weight = None
         if need_weight:
-            # An expert without tokens gets a zero gradient; every other one is overwritten below.
-            all_used = len(ctx.segments) == weight.size(0)
-            grad_weight = torch.empty_like(weight) if all_used else torch.zeros_like(weight)
+            grad_weight = torch.empty_like(weight)  # every expert with tokens is overwritten below
+            idle = sorted(set(range(weight.size(0))) - {expert for expert, _ in ctx.segments})
+            grad_weight[idle] = 0
         for expert, rows in ctx.segments:
             grad_rows = grad_out[rows]
             if need_x:
