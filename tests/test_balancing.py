@@ -267,6 +267,24 @@ def test_a_frozen_router_keeps_its_bias(model):
     assert balancer.biases()[0].abs().min() == pytest.approx(1e-3)
 
 
+def test_freezing_a_router_after_construction_keeps_its_bias(model):
+    balancer = LossFreeBalancer(model)
+    first, second = model.routers()
+    first.weight = nn.Parameter(first.weight.detach().clone(), requires_grad=False)  # a new object, as FSDP makes
+    second.weight.requires_grad_(False)
+    model(torch.randint(3, 128, (2, 5)))
+    stats = balancer.step()
+    assert stats["bias_updated"] == 0.0
+    assert torch.equal(balancer.biases(), torch.zeros(2, 8))
+
+    second.weight.requires_grad_(True)
+    model(torch.randint(3, 128, (2, 5)))
+    balancer.step()
+    biases = balancer.biases()
+    assert torch.equal(biases[0], torch.zeros(8))
+    assert biases[1].abs().min() == pytest.approx(1e-3)
+
+
 def test_bias_stays_fp32_in_a_bf16_model(model):
     model.to(torch.bfloat16)
     balancer = LossFreeBalancer(model)

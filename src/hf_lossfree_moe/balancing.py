@@ -120,9 +120,10 @@ def maxvio(loads: torch.Tensor) -> torch.Tensor:
     """MaxVio `(max_i load_i - mean load) / mean load` of each layer: `(L, E) -> (L,)` (or `(E,) -> ()`), fp64."""
     if not isinstance(loads, torch.Tensor) or loads.dim() not in (1, 2) or loads.size(-1) == 0:
         raise ValueError(f"loads must be a (layers, experts) or (experts,) tensor, got {loads!r}.")
-    loads = loads.detach().double()
-    if not torch.isfinite(loads).all() or (loads < 0).any():
+    loads = loads.detach()
+    if (loads.is_floating_point() and not torch.isfinite(loads).all()) or (loads < 0).any():
         raise ValueError(f"loads must be finite and >= 0, got {loads}.")
+    loads = loads.double()
     mean = loads.mean(dim=-1)
     if (mean == 0).any():
         raise ValueError("MaxVio is undefined for a layer that received no tokens (its loads sum to 0).")
@@ -155,15 +156,15 @@ class _ExpertCounts:
     def stacked(self, device: torch.device) -> torch.Tensor:
         """(routers, experts) copy of the counts on `device`."""
         rows = [
-            torch.zeros(self.num_experts, dtype=torch.int64, device=device) if counts is None else counts.to(device)
+            torch.zeros(self.num_experts, dtype=torch.int64, device=device) if counts is None else counts
             for counts in self._counts
         ]
-        return torch.stack(rows)
+        return _stack_on(rows, device)
 
     def reset(self):
-        for counts in self._counts:
-            if counts is not None:
-                counts.zero_()
+        started = [counts for counts in self._counts if counts is not None]
+        if started:
+            torch._foreach_zero_(started)
 
 
 class LoadMeasurement:
@@ -316,6 +317,7 @@ class LossFreeBalancer:
                 "Call `remove()` on the first one before attaching another."
             )
         self._routers = found
+        self._weight_slots = [_weight_slots(router) for router in found]
         self.num_experts = num_experts.pop()
         self._train_counts = _ExpertCounts(len(found), self.num_experts)
         self._measurements: list[LoadMeasurement] = []
@@ -360,7 +362,7 @@ class LossFreeBalancer:
 
     def biases(self) -> torch.Tensor:
         """(routers, experts) fp32 copy of the current biases."""
-        return torch.stack([self._bias(i).detach().reshape(-1).float().to(self.device) for i in range(len(self))])
+        return _stack_on([self._bias(index) for index in range(len(self))], self.device, torch.float32)
 
     def __len__(self) -> int:
         return len(self._routers)
@@ -394,8 +396,9 @@ class LossFreeBalancer:
         self._all_reduce(loads)
         loads = loads.cpu()
         counted = loads.sum(dim=-1) > 0  # (L,)
+        any_counted = bool(counted.any())
         stats = {}
-        if counted.any():
+        if any_counted:
             per_layer = maxvio(loads[counted])
             stats["maxvio_batch"] = per_layer.mean().item()
             for layer, value in zip(counted.nonzero().flatten().tolist(), per_layer.tolist(), strict=True):
@@ -406,17 +409,18 @@ class LossFreeBalancer:
                 "needs training-mode forwards of the model the balancer is attached to.",
                 stacklevel=2,
             )
+        biases = [self._bias(index) for index in range(len(self))]
         updated = []
-        if self.updates_biases and counted.any():
-            layers = counted.nonzero().flatten().tolist()
-            for index, delta in zip(layers, self._update(loads[counted]), strict=True):
-                if self.frozen is None and _weights_frozen(self._routers[index]):
-                    continue
-                self._prepare_bias(index)  # a cast since construction (e.g. `model.to(torch.bfloat16)`) is undone
-                bias = self._bias(index)
-                bias.add_(delta.to(device=bias.device, dtype=torch.float32).view_as(bias))
-                updated.append(index)
-        distance = (self.biases() - NEUTRAL_BIAS[self.bias_type]).abs()  # (L, E)
+        if self.updates_biases and any_counted:
+            movable = counted.clone()
+            if self.frozen is None:
+                movable &= torch.tensor([not self._weights_frozen(index) for index in range(len(self))])
+            updated = movable.nonzero().flatten().tolist()
+            for index in updated:
+                biases[index] = self._fp32_bias(index)
+            if updated:
+                self._add_updates([biases[index] for index in updated], self._update(loads[movable]).float())
+        distance = (_stack_on(biases, self.device, torch.float32) - NEUTRAL_BIAS[self.bias_type]).abs()  # (L, E)
         stats["bias_abs_max"] = distance.max().item()
         stats["bias_abs_mean"] = distance.mean().item()
         stats["bias_updated"] = float(bool(updated))
@@ -450,6 +454,38 @@ class LossFreeBalancer:
         if self.center:
             delta = delta - delta.mean(dim=-1, keepdim=True)
         return delta
+
+    @staticmethod
+    def _add_updates(biases: list[torch.Tensor], deltas: torch.Tensor):
+        """`biases[i] += deltas[i]` in place, one fused `_foreach_add_` per device (one per step on a single GPU)."""
+        by_device: dict[torch.device, list[int]] = {}
+        for position, bias in enumerate(biases):
+            by_device.setdefault(bias.device, []).append(position)
+        for device, positions in by_device.items():
+            targets = [biases[position] for position in positions]
+            rows = deltas[positions].to(device)
+            if len({bias.shape for bias in targets}) == 1:
+                rows = rows.view(len(targets), *targets[0].shape).unbind(0)
+            else:
+                rows = [row.view_as(bias) for row, bias in zip(rows, targets, strict=True)]
+            torch._foreach_add_(targets, rows)
+
+    def _fp32_bias(self, index: int) -> torch.Tensor:
+        """The router's bias, upcast first if something cast it since the last look (e.g. `model.bfloat16()`)."""
+        bias = self._bias(index)
+        if bias.dtype != torch.float32 or bias.requires_grad:
+            self._prepare_bias(index)
+            bias = self._bias(index)
+        return bias
+
+    def _weights_frozen(self, index: int) -> bool:
+        """Whether the router has weights besides its bias and none of them trains.
+
+        Looked up by (module, name) at every step rather than held: FSDP and `setattr` may swap a parameter object.
+        """
+        weights = [module._parameters.get(name) for module, name in self._weight_slots[index]]
+        weights = [weight for weight in weights if weight is not None]
+        return bool(weights) and not any(weight.requires_grad for weight in weights)
 
     def _bias(self, index: int) -> torch.Tensor:
         router = self._routers[index]
@@ -558,11 +594,23 @@ def _check_settings(update_rate, rule, bias_type, center, frozen):
         raise ValueError(f"frozen must be None, True or False, got {frozen!r}.")
 
 
-def _weights_frozen(router: FoundRouter) -> bool:
-    """Whether the router has weights besides its bias and none of them trains."""
-    bias = getattr(router.bias_owner, router.bias_attr)
-    weights = [p for p in router.module.parameters() if p is not bias]
-    return bool(weights) and not any(p.requires_grad for p in weights)
+def _weight_slots(router: FoundRouter) -> list[tuple[nn.Module, str]]:
+    """(module, parameter name) of every parameter of the router except its bias."""
+    return [
+        (module, name)
+        for module in router.module.modules()
+        for name, parameter in module._parameters.items()
+        if parameter is not None and not (module is router.bias_owner and name == router.bias_attr)
+    ]
+
+
+def _stack_on(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(len, numel) stack of flattened tensors on `device` (in `dtype`, default: theirs); one `torch.stack` when they
+    already share a device, dtype and shape, as every router's counts and bias usually do."""
+    dtype = dtype or tensors[0].dtype
+    if len({(tensor.device, tensor.dtype, tensor.shape) for tensor in tensors}) == 1 and tensors[0].device == device:
+        return torch.stack(tensors).detach().to(dtype).reshape(len(tensors), -1)
+    return torch.stack([tensor.detach().reshape(-1).to(device=device, dtype=dtype) for tensor in tensors])
 
 
 def _argument_position(model: nn.Module, name: str) -> int | None:
