@@ -120,7 +120,12 @@ def plot_maxvio_batch(log_history: list[dict], router_names: list[str], path: st
     return _save(fig, path)
 
 
-def plot_eval_load_heatmap(eval_loads: list[list[int]], router_names: list[str], path: str | Path) -> Path:
+def plot_eval_load_heatmap(
+    eval_loads: list[list[int]],
+    router_names: list[str],
+    path: str | Path,
+    title: str = "Validation load / mean load per MoE layer",
+) -> Path:
     """Per-layer x per-expert validation load relative to the layer's mean: 1.0 (white) is a perfect balance."""
     loads = np.asarray(eval_loads, dtype=np.float64)  # (L, E)
     relative = loads / loads.mean(axis=1, keepdims=True)  # (L, E)
@@ -134,7 +139,7 @@ def plot_eval_load_heatmap(eval_loads: list[list[int]], router_names: list[str],
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(num_experts))
     ax.set_yticks(range(num_layers), [layer_label(name, i) for i, name in enumerate(router_names)])
-    ax.set(xlabel="routed expert", title="Validation load / mean load per MoE layer")
+    ax.set(xlabel="routed expert", title=title)
     fig.colorbar(image, ax=ax, label="relative load")
     return _save(fig, path)
 
