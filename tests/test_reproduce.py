@@ -24,6 +24,7 @@ from hf_lossfree_moe.reproduce import (
     moving_average,
     plan_execution,
     select_comparisons,
+    spread_indices,
     summarize,
     write_json,
 )
@@ -132,6 +133,12 @@ def test_json_holds_every_run_and_the_summary(hand_made_results, tmp_path):
 def test_final_maxvio_batch_averages_the_last_five_percent_of_steps():
     assert final_mean(list(range(100))) == pytest.approx((95 + 96 + 97 + 98 + 99) / 5)
     assert final_mean([4.0, 2.0]) == 2.0
+
+
+def test_training_blocks_for_balance_are_spread_over_the_split():
+    assert spread_indices(10, 5) == [0, 2, 4, 6, 8]
+    assert spread_indices(10, 3) == [0, 3, 6]
+    assert spread_indices(4, 9) == [0, 1, 2, 3]
 
 
 def test_curves_are_smoothed_by_a_trailing_mean():

@@ -304,9 +304,10 @@ class RunResult:
     """Numbers of one run. Curves have one value per optimizer step; `train_loss` is the Trainer's (with an aux-loss
     model, its balance term included). Loads are (MoE layers, experts) token counts over the validation split.
 
-    `maxvio_global_train` is MaxVio_global over as many training blocks as there are validation blocks, measured
-    the same way after training: set against `maxvio_global`, it tells how much of the imbalance on held-out text
-    comes from those documents routing differently from the ones the biases were tuned on."""
+    `maxvio_global_train` is MaxVio_global over as many training blocks as there are validation blocks, spread evenly
+    over the training split and measured the same way after training: set against `maxvio_global`, it tells how much
+    of the imbalance on held-out text comes from those documents routing differently from the ones the biases were
+    tuned on."""
 
     method: str
     seed: int
@@ -345,6 +346,17 @@ def evaluate(
             loss_sum += loss.item()
             predicted += targets.numel()
     return loss_sum / predicted, measurement.loads
+
+
+def spread_indices(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over `range(total)` (all of them when `count >= total`).
+
+    Blocks are in corpus order, so a leading slice would cover a few neighbouring documents on one topic, which
+    experts specialised on topics route very unevenly: a measure of balance needs text as varied as the corpus.
+    """
+    if count >= total:
+        return list(range(total))
+    return [index * total // count for index in range(count)]
 
 
 def final_mean(curve: Sequence[float]) -> float:
@@ -394,7 +406,8 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
     val_loss, loads = evaluate(model, balancer, val_blocks, spec.scale.eval_batch_size)
     per_layer = maxvio(loads)
-    seen_blocks = torch.tensor(spec.blocks["train"][: len(val_blocks)]["input_ids"])  # (N, S)
+    train_blocks = spec.blocks["train"]
+    seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
     _, seen_loads = evaluate(model, balancer, seen_blocks, spec.scale.eval_batch_size)
     result = RunResult(
         method=spec.method.name,
@@ -667,6 +680,7 @@ __all__ = [
     "replay",
     "run_all",
     "select_comparisons",
+    "spread_indices",
     "summarize",
     "train_and_evaluate",
     "write_json",
