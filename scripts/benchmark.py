@@ -323,6 +323,53 @@ def step_peak_memory_mb(step: Callable[[], None], device: str) -> float | None:
     return (_rss_kib("VmHWM") - before) / 2**10
 
 
+class _HookTimer:
+    """Accumulates the time between `start` and `stop`, registered as hooks around the balancer's own hooks."""
+
+    def __init__(self):
+        self.total_s = 0.0
+        self._started = 0.0
+
+    def start(self, *_):
+        self._started = time.perf_counter()
+
+    def stop(self, *_):
+        self.total_s += time.perf_counter() - self._started
+
+
+def balancing_work_s(contender: Contender, input_ids: torch.Tensor, args: BenchmarkArguments) -> float:
+    """Median seconds per training step spent in the balancer itself, timed directly: its hooks (the model's mask
+    capture and release, each router's token count; host time) plus `balancer.step()`.
+
+    Marker hooks registered first (`prepend=True`) and last around every hook the balancer owns time exactly its
+    work, free of the run-to-run noise that comparing two whole steps carries.
+    """
+    model, balancer = contender.model, contender.balancer
+    timer = _HookTimer()
+    handles = []
+    for module in (model, *balancer.routers):
+        handles += [module.register_forward_hook(timer.start, prepend=True), module.register_forward_hook(timer.stop)]
+    handles += [
+        model.register_forward_pre_hook(timer.start, prepend=True),
+        model.register_forward_pre_hook(timer.stop),
+    ]
+    samples = []
+    for _ in range(args.rounds):
+        timer.total_s = 0.0
+        model.train()
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        contender.optimizer.step()
+        contender.optimizer.zero_grad(set_to_none=True)
+        synchronize(args.device)
+        start = time.perf_counter()
+        balancer.step()
+        synchronize(args.device)
+        samples.append(timer.total_s + time.perf_counter() - start)
+    for handle in handles:
+        handle.remove()
+    return statistics.median(samples)
+
+
 def time_balancer_step(args: BenchmarkArguments) -> float:
     """Median seconds of `balancer.step()` on a model of `balancer_layers` routers of `balancer_experts` experts."""
     config = LossFreeMoeConfig(
@@ -407,8 +454,11 @@ def run(args: BenchmarkArguments) -> dict:
     balanced, unbalanced = (
         f"LossFreeMoe {args.lossfree_implementations[0]}{suffix}" for suffix in ("", ", no balancing")
     )
+    work_s = balancing_work_s(next(c for c in contenders if c.name == balanced), input_ids, args)
     balancing = {
         "overhead_pct": paired_overhead_pct(train[balanced]["samples_s"], train[unbalanced]["samples_s"]),
+        "work_ms": 1e3 * work_s,
+        "work_pct": 100 * work_s / train[balanced]["median_s"],
         "balancer_step_ms": 1e3 * time_balancer_step(args),
         "balancer_step_layers": args.balancer_layers,
         "balancer_step_experts": args.balancer_experts,
@@ -471,6 +521,8 @@ def format_table(report: dict) -> str:
         f"\nx Glm4Moe: ratio to Glm4Moe's best implementation (times: lower is better; tokens/s: higher is better)."
         f"\nbalancing overhead (loss_free + balancer.step() vs none, median of per-round ratios): "
         f"{balancing['overhead_pct']:+.1f}% of a step"
+        f"\nbalancing work timed directly (hooks + balancer.step(), median per step): {balancing['work_ms']:.2f} ms, "
+        f"{balancing['work_pct']:.2f}% of a step"
         f"\nbalancer.step() on {balancing['balancer_step_experts']} experts x {balancing['balancer_step_layers']} "
         f"layers: {balancing['balancer_step_ms']:.3f} ms"
     )

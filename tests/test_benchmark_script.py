@@ -6,9 +6,11 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
@@ -91,10 +93,28 @@ def test_quick_run_balancing_section_and_table(quick_run):
     balancing = report["balancing"]
     assert balancing["balancer_step_layers"] == 27 and balancing["balancer_step_experts"] == 64
     assert balancing["balancer_step_ms"] > 0 and math.isfinite(balancing["overhead_pct"])
+    step_ms = report["results"]["LossFreeMoe sorted_mm"]["train_step_ms"]
+    assert balancing["work_pct"] == pytest.approx(100 * balancing["work_ms"] / step_ms)
     assert report["environment"]["cpu_threads"] == 1
     for name in report["results"]:
         assert name in stdout
     assert "balancer.step() on 64 experts x 27 layers" in stdout
+
+
+def test_balancing_work_times_every_hook_the_balancer_owns(benchmark_script):
+    """A 20 ms sleep added to each router's hooks after the balancer's falls inside the timed span: 2 routers, so
+    each step's balancing work is at least 40 ms (a lower bound only: sleeping never takes less)."""
+    args = benchmark_script.BenchmarkArguments(quick=True)
+    contender = benchmark_script.build_contenders(args)[0]
+    for router in contender.balancer.routers:
+        router.register_forward_hook(lambda *_: time.sleep(0.02))
+    input_ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+    work_s = benchmark_script.balancing_work_s(contender, input_ids, args)
+    assert len(contender.balancer.routers) == 2
+    assert work_s >= 0.04
+    # The marker hooks are gone; the balancer's (and the sleeps) remain.
+    assert [len(router._forward_hooks) for router in contender.balancer.routers] == [2, 2]
+    assert len(contender.model._forward_pre_hooks) == 1 and len(contender.model._forward_hooks) == 1
 
 
 def test_ratios_by_hand(benchmark_script):
