@@ -341,8 +341,8 @@ def balancing_work_s(contender: Contender, input_ids: torch.Tensor, args: Benchm
     """Median seconds per training step spent in the balancer itself, timed directly: its hooks (the model's mask
     capture and release, each router's token count; host time) plus `balancer.step()`.
 
-    Marker hooks registered first (`prepend=True`) and last around every hook the balancer owns time exactly its
-    work, free of the run-to-run noise that comparing two whole steps carries.
+    Marker hooks registered first (`prepend=True`) and last around the balancer's hooks time its work (and that of
+    hooks registered after it: none here), free of the run-to-run noise that comparing two whole steps carries.
     """
     model, balancer = contender.model, contender.balancer
     timer = _HookTimer()
@@ -354,19 +354,21 @@ def balancing_work_s(contender: Contender, input_ids: torch.Tensor, args: Benchm
         model.register_forward_pre_hook(timer.stop),
     ]
     samples = []
-    for _ in range(args.rounds):
-        timer.total_s = 0.0
-        model.train()
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        contender.optimizer.step()
-        contender.optimizer.zero_grad(set_to_none=True)
-        synchronize(args.device)
-        start = time.perf_counter()
-        balancer.step()
-        synchronize(args.device)
-        samples.append(timer.total_s + time.perf_counter() - start)
-    for handle in handles:
-        handle.remove()
+    try:
+        for _ in range(args.rounds):
+            timer.total_s = 0.0
+            model.train()
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            contender.optimizer.step()
+            contender.optimizer.zero_grad(set_to_none=True)
+            synchronize(args.device)
+            start = time.perf_counter()
+            balancer.step()
+            synchronize(args.device)
+            samples.append(timer.total_s + time.perf_counter() - start)
+    finally:
+        for handle in handles:
+            handle.remove()
     return statistics.median(samples)
 
 

@@ -94,24 +94,26 @@ def test_quick_run_balancing_section_and_table(quick_run):
     assert balancing["balancer_step_layers"] == 27 and balancing["balancer_step_experts"] == 64
     assert balancing["balancer_step_ms"] > 0 and math.isfinite(balancing["overhead_pct"])
     step_ms = report["results"]["LossFreeMoe sorted_mm"]["train_step_ms"]
-    assert balancing["work_pct"] == pytest.approx(100 * balancing["work_ms"] / step_ms)
+    assert 0 < balancing["work_ms"] < step_ms and 0 < balancing["work_pct"] < 100
     assert report["environment"]["cpu_threads"] == 1
     for name in report["results"]:
         assert name in stdout
     assert "balancer.step() on 64 experts x 27 layers" in stdout
 
 
-def test_balancing_work_times_every_hook_the_balancer_owns(benchmark_script):
-    """A 20 ms sleep added to each router's hooks after the balancer's falls inside the timed span: 2 routers, so
-    each step's balancing work is at least 40 ms (a lower bound only: sleeping never takes less)."""
+def test_balancing_work_times_the_hooks_around_the_balancers_and_nothing_before(benchmark_script):
+    """Two routers. A 20 ms sleep in each router's forward hooks, after the balancer's, falls inside the timed span:
+    at least 40 ms per step. A 100 ms sleep in each router's forward pre-hook runs before any forward hook, outside
+    it: were it counted, a step would show at least 200 ms."""
     args = benchmark_script.BenchmarkArguments(quick=True)
     contender = benchmark_script.build_contenders(args)[0]
     for router in contender.balancer.routers:
         router.register_forward_hook(lambda *_: time.sleep(0.02))
+        router.register_forward_pre_hook(lambda *_: time.sleep(0.1))
     input_ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
     work_s = benchmark_script.balancing_work_s(contender, input_ids, args)
     assert len(contender.balancer.routers) == 2
-    assert work_s >= 0.04
+    assert 0.04 <= work_s < 0.2
     # The marker hooks are gone; the balancer's (and the sleeps) remain.
     assert [len(router._forward_hooks) for router in contender.balancer.routers] == [2, 2]
     assert len(contender.model._forward_pre_hooks) == 1 and len(contender.model._forward_hooks) == 1

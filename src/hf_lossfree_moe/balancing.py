@@ -595,7 +595,8 @@ def _check_settings(update_rate, rule, bias_type, center, frozen):
 
 
 def _weight_slots(router: FoundRouter) -> list[tuple[nn.Module, str]]:
-    """(module, parameter name) of every parameter of the router except its bias."""
+    """(module, parameter name) of every parameter of the router except its bias, recorded when the balancer is
+    built: a parameter swapped in under the same name is seen, one added to the router later is not."""
     return [
         (module, name)
         for module in router.module.modules()
