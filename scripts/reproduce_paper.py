@@ -6,7 +6,7 @@ order, for several seeds; the results folder gets a Markdown table in the paper'
 (expert_loads_<method>.png).
 
     python scripts/reproduce_paper.py --quick --output_dir results_quick     # smoke test: under a minute
-    python scripts/reproduce_paper.py --output_dir results                   # 3 methods x 3 seeds: ~30 min, 2 cores
+    python scripts/reproduce_paper.py --output_dir results                   # 3 methods x 3 seeds: ~35 min, 2 cores
     python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 10 methods
     python scripts/reproduce_paper.py --device cuda --hidden_size 512 --max_steps 5000 --output_dir results_gpu
 """

@@ -158,11 +158,12 @@ def _help(text: str) -> dict:
 class Scale:
     """Model shape and training budget shared by every run of a replay.
 
-    The defaults fit 3 methods x 3 seeds in about half an hour on 2 CPU cores: one single-threaded run per core at
-    about 0.27 s per step (a second thread per run bought nothing). The budget is about 2.5M tokens per run; how it
-    is cut into steps x sequences x tokens decides what each method can show (seed 0, embedded corpus, measured):
+    The defaults fit 3 methods x 3 seeds in 33 minutes on 2 CPU cores: one single-threaded run per core at about
+    0.33 s per step (a second thread per run bought nothing). The budget is about 2.5M tokens per run; how it is cut
+    into steps x sequences x tokens decides what each method can show (embedded corpus, measured):
 
-    - 1200 x 16 x 128 (default): loss-free perplexity 38.9, MaxVio_global 0.16; aux loss 40.5, 0.87; none 39.7, 5.4.
+    - 1200 x 16 x 128 (default, 3 seeds): loss-free perplexity 39.5, MaxVio_global 0.14; aux loss 39.6, 0.57; none
+      39.7, 4.8. The following cuts were single runs of seed 0:
     - 1200 x 32 x 64: loss-free 39.3, 0.12; aux loss 38.7, 0.41. The aux loss is sequence-wise, and over 64-token
       sequences it balances much harder than over the paper's long ones, so this cut changes the baseline.
     - 600 x 32 x 128: loss-free 46.6, 0.12; aux loss 46.9, 0.53; half the optimizer steps leave the model undertrained.
@@ -273,7 +274,7 @@ class Execution:
 
 def plan_execution(num_runs: int, device: str = "cpu", workers: int | None = None, bf16: bool = False) -> Execution:
     """By default on CPU one single-threaded run per core, since models this small gain nothing from a second thread
-    (measured: 0.27 s per step with 1 or 2) and lose much on a busy machine; on a GPU one run at a time."""
+    (measured: the same time per step with 1 or 2) and lose much on a busy machine; on a GPU one run at a time."""
     if device not in DEVICES:
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}.")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
