@@ -1,6 +1,5 @@
 """scripts/benchmark.py: a quick run writes a complete report; ratios and bad inputs behave. No timing is asserted."""
 
-import importlib.util
 import json
 import math
 import os
@@ -34,11 +33,8 @@ RESULT_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def benchmark_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def benchmark_script(load_script):
+    return load_script("benchmark")
 
 
 @pytest.fixture(scope="module")

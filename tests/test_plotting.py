@@ -1,7 +1,5 @@
-import importlib.util
 import json
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -116,12 +114,8 @@ def test_recorder_keeps_biases_per_training_log_and_the_eval_loads(tiny_config, 
     assert history.eval_loads == [[1, 2] * 4, [3, 4] * 4]
 
 
-def test_plot_script_redraws_a_run_and_explains_a_wrong_folder(finished_run, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "plot_script", Path(__file__).resolve().parents[1] / "scripts" / "plot.py"
-    )
-    plot_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_script)
+def test_plot_script_redraws_a_run_and_explains_a_wrong_folder(finished_run, tmp_path, capsys, load_script):
+    plot_script = load_script("plot")
 
     plot_script.main([str(finished_run)])
     printed = capsys.readouterr().out.split()

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import random
@@ -30,7 +29,6 @@ from hf_lossfree_moe.reproduce import (
 )
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_paper.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A model small enough for unit tests: 3 layers (the first dense), 8 routed experts, top-2.
 TINY_SCALE = Scale(
@@ -217,13 +215,6 @@ def test_bad_scale_and_workers_raise():
     assert plan_execution(1, "cpu").threads is None  # runs in this process leave torch's threads alone
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("reproduce_paper", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def check_outputs(output_dir: Path, steps: int, comparisons: list[str]):
     results = json.loads((output_dir / "results.json").read_text())
     runs = {run["method"]: run for run in results["runs"]}
@@ -254,23 +245,14 @@ def check_outputs(output_dir: Path, steps: int, comparisons: list[str]):
         assert (output_dir / png).read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: a second thread only waits on the other tests sharing the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path, one_thread):
+def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path, one_thread, load_script):
     rng = random.Random(0)
     words = "router expert token bias load balance layer score gate update sign mean step".split()
     paragraphs = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)]
     train_file = tmp_path / "corpus.txt"
     train_file.write_text("\n\n".join(paragraphs))
     output_dir = tmp_path / "results"
-    load_script().main(
+    load_script("reproduce_paper").main(
         [
             "--quick",
             "--train_file",
@@ -294,8 +276,8 @@ def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path
     check_outputs(output_dir, steps=4, comparisons=["main", *ABLATIONS])
 
 
-def test_quick_replay_end_to_end(tmp_path):
+def test_quick_replay_end_to_end(tmp_path, load_script):
     """The documented smoke test, on the embedded corpus, with the default worker processes (about 40 s on 2 busy
     cores)."""
-    load_script().main(["--quick", "--output_dir", str(tmp_path)])
+    load_script("reproduce_paper").main(["--quick", "--output_dir", str(tmp_path)])
     check_outputs(tmp_path, steps=40, comparisons=["main"])

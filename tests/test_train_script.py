@@ -1,6 +1,5 @@
 """scripts/train.py end to end: a few steps of a tiny model, the folder it leaves, and every bad input."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 
 from hf_lossfree_moe import LossFreeMoeConfig
@@ -56,11 +54,8 @@ print(output.shape[1] - inputs["input_ids"].shape[1], repr(tokenizer.decode(outp
 
 
 @pytest.fixture(scope="module")
-def train_script():
-    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def train_script(load_script):
+    return load_script("train")
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +122,6 @@ def test_folder_loads_and_generates_without_the_package(trained):
     module, generated = result.stdout.strip().splitlines()[-2:]
     assert module.startswith("transformers_modules.")  # the copied code, not hf_lossfree_moe
     assert generated.startswith("8 'The for statement")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_run_resumes_from_its_last_checkpoint_and_keeps_the_history(trained, train_script, tmp_path, one_thread):
