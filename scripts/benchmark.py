@@ -150,39 +150,32 @@ class Contender:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
 
 
+def moe_shape(args: BenchmarkArguments) -> dict:
+    """The config fields LossFreeMoe and Glm4Moe share: one shape for both."""
+    return {
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": dense_twin_width(args),
+        "moe_intermediate_size": args.moe_intermediate_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_attention_heads,
+        "max_position_embeddings": max_positions(args),
+        "n_routed_experts": args.n_routed_experts,
+        "n_shared_experts": args.n_shared_experts,
+        "num_experts_per_tok": args.num_experts_per_tok,
+        "first_k_dense_replace": args.first_k_dense_replace,
+    }
+
+
 def lossfree_config(args: BenchmarkArguments, load_balancing: str) -> LossFreeMoeConfig:
-    return LossFreeMoeConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=dense_twin_width(args),
-        moe_intermediate_size=args.moe_intermediate_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_attention_heads,
-        max_position_embeddings=max_positions(args),
-        n_routed_experts=args.n_routed_experts,
-        n_shared_experts=args.n_shared_experts,
-        num_experts_per_tok=args.num_experts_per_tok,
-        first_k_dense_replace=args.first_k_dense_replace,
-        load_balancing=load_balancing,
-    )
+    return LossFreeMoeConfig(**moe_shape(args), load_balancing=load_balancing)
 
 
 def glm4_moe_config(args: BenchmarkArguments) -> Glm4MoeConfig:
     """Glm4Moe routed like ours (sigmoid, un-normalised gates, scale 1); full rotary, no multi-token head."""
     return Glm4MoeConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=dense_twin_width(args),
-        moe_intermediate_size=args.moe_intermediate_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_attention_heads,
-        max_position_embeddings=max_positions(args),
-        n_routed_experts=args.n_routed_experts,
-        n_shared_experts=args.n_shared_experts,
-        num_experts_per_tok=args.num_experts_per_tok,
-        first_k_dense_replace=args.first_k_dense_replace,
+        **moe_shape(args),
         norm_topk_prob=False,
         routed_scaling_factor=1.0,
         num_mtp_layers=0,
