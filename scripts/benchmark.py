@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Speed of LossFreeMoe against transformers' Glm4Moe of the same shape and the dense model of the same active size.
 
-Every contender is timed side by side in one process, round-robin after a warm-up, and reported as medians:
+Every contender is timed side by side in one process, round-robin after a warm-up, and reported as medians (ratios
+as medians of the per-round ratios, which a busy moment of a shared machine moves less):
 a training step (forward, backward, fused AdamW, and `LossFreeBalancer.step()` for LossFreeMoe), an inference
 forward, and greedy decoding with a KV cache. Glm4Moe is transformers' own sigmoid-routed MoE with
 `e_score_correction_bias` (the same routing as ours); the dense twin is a Llama whose FFN is as wide as the active
@@ -72,7 +73,7 @@ class BenchmarkArguments:
         default="auto", metadata={"help": "float32, bfloat16, or auto (bfloat16 on cuda, float32 on cpu)."}
     )
     threads: int | None = field(default=None, metadata={"help": "CPU intra-op threads; default: torch's choice."})
-    rounds: int = field(default=7, metadata={"help": "Timed rounds; every round times every contender once."})
+    rounds: int = field(default=9, metadata={"help": "Timed rounds; every round times every contender once."})
     warmup: int = field(default=2, metadata={"help": "Untimed calls per contender before the timed rounds."})
     implementations: str = field(
         default="sorted_mm,grouped_mm,eager",
@@ -444,6 +445,8 @@ def run(args: BenchmarkArguments) -> dict:
             "decode_tokens_per_s": new_tokens / decode[name]["median_s"],
             "train_step_peak_mb": step_peak_memory_mb(training_step(contender, input_ids), args.device),
             "train_step_samples_ms": [1e3 * t for t in train[name]["samples_s"]],
+            "forward_samples_ms": [1e3 * t for t in forward[name]["samples_s"]],
+            "decode_samples_ms": [1e3 * t for t in decode[name]["samples_s"]],
         }
     add_ratios(results)
     balanced, unbalanced = (
@@ -462,31 +465,59 @@ def run(args: BenchmarkArguments) -> dict:
     return {"config": config, "environment": environment(args), "results": results, "balancing": balancing}
 
 
+# Each reported metric, the per-round samples it is the median of, and whether higher is better.
+METRICS = {
+    "train_step_ms": ("train_step_samples_ms", False),
+    "forward_ms": ("forward_samples_ms", False),
+    "decode_tokens_per_s": ("decode_samples_ms", True),
+}
+
+
+def per_round_ratios(samples: list[float], reference: list[float], higher_is_better: bool = False) -> list[float]:
+    """Each round's ratio to the reference timed in the same round (for a rate: reference time / time).
+
+    The two timings of a round share the machine's load at that moment, so a slow round on a shared machine moves
+    both, and the ratio of the pair stays put where a ratio of two separate medians would not.
+    """
+    return [b / a if higher_is_better else a / b for a, b in zip(samples, reference, strict=True)]
+
+
 def paired_overhead_pct(with_balancing: list[float], without: list[float]) -> float:
     """Median over rounds of the extra time, in %: both runs of a round see the same machine load."""
-    return 100 * statistics.median(a / b - 1 for a, b in zip(with_balancing, without, strict=True))
+    return 100 * (statistics.median(per_round_ratios(with_balancing, without)) - 1)
 
 
 def add_ratios(results: dict[str, dict]):
-    """Ratios to Glm4Moe's best implementation and to the dense twin (< 1 is faster for times, > 1 for tokens/s)."""
+    """Ratios to Glm4Moe's best implementation and to the dense twin (< 1 is faster for times, > 1 for tokens/s).
+
+    Each is the median of the per-round ratios, with their lowest and highest round in `..._range`; the Glm4Moe
+    reference of a metric is the implementation with the best median for it.
+    """
     glm = [r for r in results.values() if r["family"] == "glm4_moe"]
     dense = [r for r in results.values() if r["family"] == "dense"]
-    best_glm = {
-        "train_step_ms": min((r["train_step_ms"] for r in glm), default=None),
-        "forward_ms": min((r["forward_ms"] for r in glm), default=None),
-        "decode_tokens_per_s": max((r["decode_tokens_per_s"] for r in glm), default=None),
-    }
-    for result in results.values():
-        for metric, best in best_glm.items():
-            result[f"{metric}_vs_glm4_moe_best"] = result[metric] / best if best else None
-            result[f"{metric}_vs_dense"] = result[metric] / dense[0][metric] if dense else None
+    for metric, (samples_key, higher_is_better) in METRICS.items():
+        best = max if higher_is_better else min
+        references = {
+            "glm4_moe_best": best(glm, key=lambda r: r[metric]) if glm else None,
+            "dense": dense[0] if dense else None,
+        }
+        for result in results.values():
+            for label, reference in references.items():
+                ratios = (
+                    per_round_ratios(result[samples_key], reference[samples_key], higher_is_better)
+                    if reference
+                    else None
+                )
+                result[f"{metric}_vs_{label}"] = statistics.median(ratios) if ratios else None
+                result[f"{metric}_vs_{label}_range"] = [min(ratios), max(ratios)] if ratios else None
 
 
 def format_table(report: dict) -> str:
     env, config = report["environment"], report["config"]
     header = (
         f"{config['device']}, {config['dtype']}, {env['hardware']}, {env['cpu_threads']} CPU threads, "
-        f"torch {env['torch']}, transformers {env['transformers']}; medians of {config['rounds']} interleaved rounds\n"
+        f"torch {env['torch']}, transformers {env['transformers']}; medians of {config['rounds']} interleaved rounds; "
+        f"ratios: medians of per-round ratios\n"
         f"shape: {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, {config['n_routed_experts']} "
         f"experts top-{config['num_experts_per_tok']} + {config['n_shared_experts']} shared, expert FFN "
         f"{config['moe_intermediate_size']}, batch {config['batch_size']}x{config['seq_len']}, vocab "
@@ -512,8 +543,12 @@ def format_table(report: dict) -> str:
     for name, result in report["results"].items():
         lines.append(" | ".join(cell(result, name).ljust(width) for _, width, cell in columns))
     balancing = report["balancing"]
+    spread_name, spread = next(iter(report["results"].items()))
     footer = (
         f"\nx Glm4Moe: ratio to Glm4Moe's best implementation (times: lower is better; tokens/s: higher is better)."
+        f"\ntraining-step ratios of {spread_name}, lowest and highest round: "
+        f"x Glm4Moe {_span(spread['train_step_ms_vs_glm4_moe_best_range'])}, "
+        f"x dense {_span(spread['train_step_ms_vs_dense_range'])}"
         f"\nbalancing overhead (loss_free + balancer.step() vs none, median of per-round ratios): "
         f"{balancing['overhead_pct']:+.1f}% of a step"
         f"\nbalancing work timed directly (hooks + balancer.step(), median per step): {balancing['work_ms']:.2f} ms, "
@@ -526,6 +561,10 @@ def format_table(report: dict) -> str:
 
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _span(values: list[float] | None) -> str:
+    return "n/a" if values is None else f"{values[0]:.2f}-{values[1]:.2f}"
 
 
 def main(argv: list[str] | None = None) -> dict:
