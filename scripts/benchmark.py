@@ -465,7 +465,7 @@ def run(args: BenchmarkArguments) -> dict:
     return {"config": config, "environment": environment(args), "results": results, "balancing": balancing}
 
 
-# Each reported metric, the per-round samples it is the median of, and whether higher is better.
+# Each reported metric, the per-round samples it is computed from, and whether higher is better.
 METRICS = {
     "train_step_ms": ("train_step_samples_ms", False),
     "forward_ms": ("forward_samples_ms", False),
@@ -491,7 +491,8 @@ def add_ratios(results: dict[str, dict]):
     """Ratios to Glm4Moe's best implementation and to the dense twin (< 1 is faster for times, > 1 for tokens/s).
 
     Each is the median of the per-round ratios, with their lowest and highest round in `..._range`; the Glm4Moe
-    reference of a metric is the implementation with the best median for it.
+    reference of a metric is the implementation with the best median for it, so another Glm4Moe implementation can
+    still show a median ratio a little below 1 against it.
     """
     glm = [r for r in results.values() if r["family"] == "glm4_moe"]
     dense = [r for r in results.values() if r["family"] == "dense"]

@@ -124,7 +124,8 @@ def test_ratios_are_medians_of_per_round_ratios(benchmark_script):
 
     ours / glm fast per round: 90/100, 180/200, 95/100 -> 0.90, 0.90, 0.95: median 0.90 (the ratio of the two
     medians, 95/100, would say 0.95). ours / dense: 1.5, 1.5, 95/60. Forward: the best Glm4Moe median is "glm slow"
-    (20 ms): 30/20 = 1.5 in each round. Decode rates compare reference time / time: glm fast 10/5 = 2.0 each round.
+    (20 ms): 30/20, 60/40, 33/20 -> median 1.5 (medians: 33/20 = 1.65). Decode rates compare reference time / time:
+    glm fast 10/5, 20/10, 10/4 -> median 2.0 (medians: 10/5 = 2.0 too, but the range reaches 2.5).
     """
 
     def row(family, train, forward, decode_ms):
@@ -139,7 +140,7 @@ def test_ratios_are_medians_of_per_round_ratios(benchmark_script):
         }
 
     results = {
-        "ours": row("ours", [90.0, 180.0, 95.0], [30.0, 60.0, 30.0], [5.0, 10.0, 5.0]),
+        "ours": row("ours", [90.0, 180.0, 95.0], [30.0, 60.0, 33.0], [5.0, 10.0, 4.0]),
         "glm fast": row("glm4_moe", [100.0, 200.0, 100.0], [40.0, 80.0, 40.0], [10.0, 20.0, 10.0]),
         "glm slow": row("glm4_moe", [200.0, 400.0, 200.0], [20.0, 40.0, 20.0], [20.0, 40.0, 20.0]),
         "dense": row("dense", [60.0, 120.0, 60.0], [15.0, 30.0, 15.0], [2.5, 5.0, 2.5]),
@@ -151,9 +152,26 @@ def test_ratios_are_medians_of_per_round_ratios(benchmark_script):
     assert ours["train_step_ms_vs_dense"] == pytest.approx(1.5)
     assert ours["train_step_ms_vs_dense_range"] == pytest.approx([1.5, 95 / 60])
     assert ours["forward_ms_vs_glm4_moe_best"] == pytest.approx(1.5)
+    assert ours["forward_ms_vs_glm4_moe_best_range"] == pytest.approx([1.5, 1.65])
     assert ours["decode_tokens_per_s_vs_glm4_moe_best"] == pytest.approx(2.0)
+    assert ours["decode_tokens_per_s_vs_glm4_moe_best_range"] == pytest.approx([2.0, 2.5])
     assert ours["decode_tokens_per_s_vs_dense"] == pytest.approx(0.5)
     assert results["glm fast"]["train_step_ms_vs_glm4_moe_best_range"] == pytest.approx([1.0, 1.0])
+
+
+def test_ratios_without_a_reference_are_none(benchmark_script):
+    results = {
+        "ours": {
+            "family": "ours",
+            **{metric: 1.0 for metric in benchmark_script.METRICS},
+            **{samples: [1.0] for samples, _ in benchmark_script.METRICS.values()},
+        }
+    }
+    benchmark_script.add_ratios(results)
+    for metric in benchmark_script.METRICS:
+        for reference in ("glm4_moe_best", "dense"):
+            assert results["ours"][f"{metric}_vs_{reference}"] is None
+            assert results["ours"][f"{metric}_vs_{reference}_range"] is None
 
 
 def test_balancing_overhead_is_the_median_of_paired_rounds(benchmark_script):
