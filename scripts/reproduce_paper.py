@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, make_dataclass, replace
 
 from transformers import HfArgumentParser
 
-from hf_lossfree_moe.data import EMBEDDED_CORPUS_NAME, TEXT_COLUMN, load_text_datasets
+from hf_lossfree_moe.data import TextDataArguments
 from hf_lossfree_moe.reproduce import (
     ABLATIONS,
     DEFAULT_SCALE,
@@ -58,14 +58,7 @@ class ReplayArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(
-        default=None, metadata={"help": f"A `datasets` dataset (default: the embedded {EMBEDDED_CORPUS_NAME!r})."}
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
-    train_file: str | None = field(default=None, metadata={"help": "A local .txt/.json/.jsonl/.csv training file."})
-    validation_file: str | None = field(default=None, metadata={"help": "A local validation file, same format."})
-    text_column_name: str = field(default=TEXT_COLUMN, metadata={"help": "Column holding the text."})
+class DataArguments(TextDataArguments):
     validation_split_percentage: int = field(
         default=10,
         metadata={
@@ -104,14 +97,7 @@ def main(argv: list[str] | None = None):
     seeds = replay_args.seeds or ([0] if replay_args.quick else [0, 1, 2])
     comparisons = select_comparisons(replay_args.ablations)
 
-    text = load_text_datasets(
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        train_file=data_args.train_file,
-        validation_file=data_args.validation_file,
-        text_column=data_args.text_column_name,
-        validation_split_percentage=data_args.validation_split_percentage,
-    )
+    text = data_args.load()
     blocks, vocab_size = prepare_blocks(text.splits, scale.vocab_size, scale.block_size, data_args.text_column_name)
     data = f"{text.source}; validation: {text.validation_source}"
     num_runs = len(methods_of(comparisons)) * len(seeds)

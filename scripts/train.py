@@ -39,7 +39,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_lossfree_moe import LossFreeMoeConfig, add_balancing_callback
-from hf_lossfree_moe.data import TextDatasets, load_text_datasets, tokenize_and_group, train_bpe_tokenizer
+from hf_lossfree_moe.data import TextDataArguments, TextDatasets, tokenize_and_group, train_bpe_tokenizer
 from hf_lossfree_moe.model_card import render_model_card
 from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, RoutingHistory, RoutingHistoryRecorder, draw_run_plots
 
@@ -138,20 +138,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "A Hub dataset. Default (with no --train_file): the embedded corpus."}
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    train_file: str | None = field(
-        default=None,
-        metadata={"help": "A local .txt (one document per paragraph), .json/.jsonl or .csv file of training text."},
-    )
-    validation_file: str | None = field(default=None, metadata={"help": "A local validation file, same format."})
-    text_column_name: str = field(default="text", metadata={"help": "The column holding the text."})
-    validation_split_percentage: int = field(
-        default=5, metadata={"help": "Percent of the training data held out when there is no validation split."}
-    )
+class DataArguments(TextDataArguments):
     block_size: int | None = field(
         default=None,
         metadata={"help": "Tokens per training sequence; at most max_position_embeddings, its default."},
@@ -316,16 +303,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args:
     block_size = resolve_block_size(data_args.block_size, config)
     checkpoint = training_args.resume_from_checkpoint
     check_checkpoint(checkpoint)
-    text = load_text_datasets(
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        train_file=data_args.train_file,
-        validation_file=data_args.validation_file,
-        text_column=data_args.text_column_name,
-        validation_split_percentage=data_args.validation_split_percentage,
-        cache_dir=model_args.cache_dir,
-        token=model_args.token,
-    )
+    text = data_args.load(cache_dir=model_args.cache_dir, token=model_args.token)
     tokenizer = load_tokenizer(model_args, data_args, checkpoint, text, config)
     if model_args.model_name_or_path is None:
         config.vocab_size = max(config.vocab_size, len(tokenizer))

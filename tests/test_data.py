@@ -11,6 +11,7 @@ from hf_lossfree_moe import data
 from hf_lossfree_moe.data import (
     EOS_TOKEN,
     PAD_TOKEN,
+    TextDataArguments,
     embedded_corpus,
     embedded_datasets,
     load_text_datasets,
@@ -99,6 +100,18 @@ def test_csv_without_validation_file_holds_out_its_first_rows(tmp_path):
     assert loaded.splits["validation"]["text"] == ["row 0", "row 1"]
     assert loaded.splits["train"]["text"] == [f"row {i}" for i in range(2, 20)]
     assert "train.csv" in loaded.source
+
+
+def test_text_data_arguments_pass_every_flag_to_the_loader(tmp_path):
+    """A .jsonl file with its text under "content", 20% held out: the first 4 of 20 rows become validation."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"content": f"doc {i}"}) + "\n" for i in range(20)))
+    arguments = TextDataArguments(train_file=str(path), text_column_name="content", validation_split_percentage=20)
+    loaded = arguments.load()
+    assert loaded.splits["validation"]["content"] == [f"doc {i}" for i in range(4)]
+    assert loaded.splits["train"]["content"] == [f"doc {i}" for i in range(4, 20)]
+    with pytest.raises(ValueError, match="either --dataset_name or --train_file"):
+        TextDataArguments(dataset_name="x", train_file=str(path)).load()
 
 
 def test_txt_files_are_read_as_paragraphs(tmp_path):

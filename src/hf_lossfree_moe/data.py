@@ -11,7 +11,7 @@ import sys
 import sysconfig
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from itertools import chain
 from pathlib import Path
@@ -156,6 +156,41 @@ def load_text_datasets(
         source=text_source,
         validation_source=validation_source,
     )
+
+
+@dataclass
+class TextDataArguments:
+    """Where the text comes from: the data-source flags every script here shares, for `HfArgumentParser`."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"A `datasets` dataset. Default (with no --train_file): the embedded corpus {EMBEDDED_CORPUS_NAME!r}."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "A local .txt (one document per paragraph), .json/.jsonl or .csv file of training text."},
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "A local validation file, same format."})
+    text_column_name: str = field(default=TEXT_COLUMN, metadata={"help": "The column holding the text."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of the training data held out when there is no validation split."}
+    )
+
+    def load(self, cache_dir: str | None = None, token: str | None = None) -> TextDatasets:
+        """`load_text_datasets` with these flags."""
+        return load_text_datasets(
+            dataset_name=self.dataset_name,
+            dataset_config_name=self.dataset_config_name,
+            train_file=self.train_file,
+            validation_file=self.validation_file,
+            text_column=self.text_column_name,
+            validation_split_percentage=self.validation_split_percentage,
+            cache_dir=cache_dir,
+            token=token,
+        )
 
 
 def _dataset_source(
