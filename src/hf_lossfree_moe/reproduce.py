@@ -522,8 +522,8 @@ def markdown_report(comparisons: Sequence[Comparison], summary: dict[str, dict[s
         f"Each cell is the mean ± sample standard deviation over {len(seeds)} seed(s). Validation perplexity is the "
         "language-model perplexity alone (no balance loss). MaxVio_global is measured on the whole validation split "
         "(and, as a diagnostic, on as many training blocks), "
-        f"MaxVio_batch (final) averages the last {FINAL_WINDOW_FRACTION:.0%} of training steps; both are means over "
-        "MoE layers.",
+        f"MaxVio_batch (final) averages the last {FINAL_WINDOW_FRACTION:.0%} of training steps; every MaxVio column is "
+        "a mean over MoE layers.",
     ]
     for comparison in comparisons:
         lines += ["", f"## {comparison.title}", "", markdown_table(comparison, summary)]
