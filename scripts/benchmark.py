@@ -229,12 +229,17 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
+def update_weights(contender: Contender, input_ids: torch.Tensor):
+    """Forward, backward and AdamW: a training step up to `balancer.step()`."""
+    contender.model.train()
+    contender.model(input_ids=input_ids, labels=input_ids).loss.backward()
+    contender.optimizer.step()
+    contender.optimizer.zero_grad(set_to_none=True)
+
+
 def training_step(contender: Contender, input_ids: torch.Tensor) -> Callable[[], None]:
     def step():
-        contender.model.train()
-        contender.model(input_ids=input_ids, labels=input_ids).loss.backward()
-        contender.optimizer.step()
-        contender.optimizer.zero_grad(set_to_none=True)
+        update_weights(contender, input_ids)
         if contender.balancer is not None:
             contender.balancer.step()
 
@@ -351,10 +356,7 @@ def balancing_work_s(contender: Contender, input_ids: torch.Tensor, args: Benchm
     try:
         for _ in range(args.rounds):
             timer.total_s = 0.0
-            model.train()
-            model(input_ids=input_ids, labels=input_ids).loss.backward()
-            contender.optimizer.step()
-            contender.optimizer.zero_grad(set_to_none=True)
+            update_weights(contender, input_ids)
             synchronize(args.device)
             start = time.perf_counter()
             balancer.step()
