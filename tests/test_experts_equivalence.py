@@ -6,7 +6,7 @@ from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from hf_lossfree_moe import LossFreeMoeForCausalLM, LossFreeMoeSparseMoeBlock
-from hf_lossfree_moe.sorted_experts import SORTED_MM
+from hf_lossfree_moe.sorted_experts import SORTED_MM, _ExpertRows, _ExpertsLinear, _grouped_mm_applies
 
 
 IMPLEMENTATIONS = ["grouped_mm", "batched_mm", SORTED_MM]
@@ -147,3 +147,62 @@ def test_training_step_loss_and_gradients_match_across_implementations(tiny_conf
         torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
         for name, grad in expected_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=f"{implementation}: {name}")
+
+
+def expert_rows(loads):
+    """Expert-sorted expert ids for the given number of copies per expert, and their `_ExpertRows`."""
+    sorted_ids = torch.repeat_interleave(torch.arange(len(loads)), torch.tensor(loads))
+    return _ExpertRows.from_sorted_ids(sorted_ids, len(loads))
+
+
+def test_expert_rows_skip_idle_experts():
+    rows = expert_rows([2, 0, 3, 0])
+    assert rows.segments == [(0, slice(0, 2)), (2, slice(2, 5))]
+    assert rows.offsets.tolist() == [2, 2, 5, 5]
+    assert rows.offsets.dtype == torch.int32
+
+
+@pytest.mark.parametrize(
+    ("loads", "features", "dtype", "grouped"),
+    [
+        ([3, 0, 4, 2, 5, 1, 0, 3], 16, torch.float32, True),  # 6 of 8 experts busy: one grouped_mm call
+        ([0, 0, 4, 0, 0, 0, 0, 0], 16, torch.float32, False),  # 1 of 8 busy, as when decoding: the loop
+        ([3, 0, 4, 2, 5, 1, 0, 3], 6, torch.float32, False),  # 24-byte rows: grouped_mm refuses them
+        ([3, 0, 4, 2, 5, 1, 0, 3], 16, torch.float64, False),  # grouped_mm has no float64 kernel
+    ],
+)
+def test_experts_linear_matches_a_product_per_expert(loads, features, dtype, grouped):
+    """Both paths give x[rows] @ weight[e].T per expert, its gradients, and zero gradient for idle experts."""
+    rows = expert_rows(loads)
+    x = torch.randn(sum(loads), features, dtype=dtype, requires_grad=True)
+    weight = torch.randn(len(loads), 2 * features, features, dtype=dtype, requires_grad=True)
+    assert _grouped_mm_applies(x, weight, rows) is grouped
+    out = _ExpertsLinear.apply(x, weight, rows)
+    projection = torch.randn_like(out)
+    grad_x, grad_weight = torch.autograd.grad((out * projection).sum(), (x, weight))
+
+    expected_out = torch.zeros_like(out)
+    expected_grad_x = torch.zeros_like(x)
+    expected_grad_weight = torch.zeros_like(weight)
+    start = 0
+    for expert, load in enumerate(loads):
+        block = slice(start, start + load)
+        expected_out[block] = x[block] @ weight[expert].T
+        expected_grad_x[block] = projection[block] @ weight[expert]
+        expected_grad_weight[expert] = projection[block].T @ x[block]
+        start += load
+    tolerance = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(out, expected_out, **tolerance)
+    torch.testing.assert_close(grad_x, expected_grad_x, **tolerance)
+    torch.testing.assert_close(grad_weight, expected_grad_weight, **tolerance)
+    idle = [expert for expert, load in enumerate(loads) if load == 0]
+    assert grad_weight[idle].abs().max() == 0
+
+
+def test_experts_linear_with_a_frozen_weight_gives_the_input_gradient():
+    rows = expert_rows([3, 0, 4, 2, 5, 1, 0, 3])
+    x = torch.randn(18, 16, requires_grad=True)
+    weight = torch.randn(8, 32, 16)
+    assert _grouped_mm_applies(x, weight, rows)
+    (grad_x,) = torch.autograd.grad(_ExpertsLinear.apply(x, weight, rows).sum(), (x,))
+    torch.testing.assert_close(grad_x[:3], torch.ones(3, 32) @ weight[0])

@@ -3,63 +3,112 @@
 On CPU, transformers' `grouped_mm` spends a good part of a training step outside its matrix products: the backward
 of the gather `hidden_states[perm // K]` and of the un-permutation `out[inv_perm]` is a serial `index_put_` scatter,
 and the routing weights scale the wide (T*K, H) expert outputs. This kernel sorts the K copies of the tokens by expert
-once, gathers them with `index_select` (whose backward is a parallel `index_add_`), runs one `mm` per expert that
-received tokens over its contiguous rows, applies the routing weights to the narrower (T*K, F) activation, and sums
-each token's copies back with `index_add_`: no inverse permutation, no serial scatter. On other devices, and for
-expert layouts other than concatenated [gate; up] weights without biases, it is transformers' `grouped_mm`.
+once, gathers them with `index_select` (whose backward is a parallel `index_add_`), multiplies each expert's
+contiguous rows by its weights (one `grouped_mm` call when most experts are busy, one `mm` per active expert when
+few are), applies the routing weights to the narrower (T*K, F) activation, and sums each token's copies back with
+`index_add_`: no inverse permutation, no serial scatter. On other devices, and for expert layouts other than
+concatenated [gate; up] weights without biases, it is transformers' `grouped_mm`.
 This file imports nothing from `hf_lossfree_moe`, so it travels with the modeling file to the Hub.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
-from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+from transformers.integrations.moe import (
+    ExpertsInterface,
+    _can_use_grouped_mm,
+    _grouped_mm,
+    grouped_mm_experts_forward,
+)
 
 
 SORTED_MM = "sorted_mm"
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _ExpertRows(NamedTuple):
+    """Where each expert's copies lie among the expert-sorted rows.
+
+    `segments` lists `(expert, rows)` for the experts that received tokens; `offsets` holds every expert's end row,
+    the layout `grouped_mm` takes.
+    """
+
+    segments: list[tuple[int, slice]]
+    offsets: torch.Tensor
+
+    @classmethod
+    def from_sorted_ids(cls, sorted_ids: torch.Tensor, num_experts: int) -> "_ExpertRows":
+        offsets = torch.bincount(sorted_ids, minlength=num_experts).cumsum(0, dtype=torch.int32)  # (E,)
+        segments, start = [], 0
+        for expert, end in enumerate(offsets.tolist()):
+            if end > start:
+                segments.append((expert, slice(start, end)))
+            start = end
+        return cls(segments, offsets)
+
+
+def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor, rows: _ExpertRows) -> bool:
+    """Whether one `grouped_mm` call beats a Python loop of `mm`s here, and accepts these tensors.
+
+    `grouped_mm` visits every expert, idle or not, for about a microsecond each, while the loop pays several
+    microseconds of Python per expert with tokens: one call wins once a quarter of the experts have tokens
+    (training, prefill), the loop wins when decoding. The kernel takes 16-bit and 32-bit floats in rows that are a
+    multiple of 16 bytes.
+    """
+    row_bytes = (x.size(1) * x.element_size(), weight.size(1) * weight.element_size())
+    return (
+        4 * len(rows.segments) >= weight.size(0)
+        and x.dtype == weight.dtype
+        and x.dtype in _GROUPED_MM_DTYPES
+        and all(size % 16 == 0 for size in row_bytes)
+        and _can_use_grouped_mm(x, weight, rows.offsets)
+    )
 
 
 class _ExpertsLinear(torch.autograd.Function):
-    """`x[rows] @ weight[e].T` for each `(e, rows)` segment: one `mm` per expert that received tokens.
+    """`x[rows] @ weight[e].T` for each expert's block of expert-sorted rows; idle experts cost no product.
 
-    Only the experts that received tokens are visited, so decoding one token costs K `mm` calls, not E.
+    The same path, `grouped_mm` or the loop over active experts, serves the forward and the backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, segments):
-        out = x.new_empty(x.size(0), weight.size(1))  # (S, out)
-        for expert, rows in segments:
-            torch.mm(x[rows], weight[expert].t(), out=out[rows])
+    def forward(ctx, x, weight, rows):
+        ctx.grouped = _grouped_mm_applies(x, weight, rows)
+        if ctx.grouped:
+            out = _grouped_mm(x, weight.transpose(1, 2), rows.offsets)  # (S, out)
+        else:
+            out = x.new_empty(x.size(0), weight.size(1))  # (S, out)
+            for expert, segment in rows.segments:
+                torch.mm(x[segment], weight[expert].t(), out=out[segment])
         ctx.save_for_backward(x, weight)
-        ctx.segments = segments
+        ctx.rows = rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
+        rows = ctx.rows
+        if ctx.grouped:
+            grad_out = grad_out.contiguous()
+            grad_x = _grouped_mm(grad_out, weight, rows.offsets) if need_x else None
+            # An idle expert is an empty group: its weight gradient comes out zero.
+            grad_weight = _grouped_mm(grad_out.t(), x, rows.offsets) if need_weight else None
+            return grad_x, grad_weight, None
         grad_x = torch.empty_like(x) if need_x else None
         grad_weight = None
         if need_weight:
             grad_weight = torch.empty_like(weight)  # every expert with tokens is overwritten below
-            idle = sorted(set(range(weight.size(0))) - {expert for expert, _ in ctx.segments})
+            idle = sorted(set(range(weight.size(0))) - {expert for expert, _ in rows.segments})
             grad_weight[idle] = 0
-        for expert, rows in ctx.segments:
-            grad_rows = grad_out[rows]
+        for expert, segment in rows.segments:
+            grad_rows = grad_out[segment]
             if need_x:
-                torch.mm(grad_rows, weight[expert], out=grad_x[rows])
+                torch.mm(grad_rows, weight[expert], out=grad_x[segment])
             if need_weight:
-                torch.mm(grad_rows.t(), x[rows], out=grad_weight[expert])
+                torch.mm(grad_rows.t(), x[segment], out=grad_weight[expert])
         return grad_x, grad_weight, None
-
-
-def _expert_segments(sorted_ids: torch.Tensor) -> list[tuple[int, slice]]:
-    """`(expert, rows)` of each expert that received tokens: its block of rows among the expert-sorted copies."""
-    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    segments, start = [], 0
-    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
-        segments.append((expert, slice(start, start + count)))
-        start += count
-    return segments
 
 
 def _has_plain_layout(experts: nn.Module) -> bool:
@@ -84,14 +133,14 @@ def sorted_mm_experts_forward(
     # expert_order holds the token-major position (token * K + k) of each expert-sorted copy.
     sorted_token = expert_order.div(top_k_index.size(-1), rounding_mode="floor")  # (S,)
     sorted_weights = top_k_weights.reshape(-1).index_select(0, expert_order).unsqueeze(-1)  # (S, 1)
-    segments = _expert_segments(sorted_ids)
+    rows = _ExpertRows.from_sorted_ids(sorted_ids, self.gate_up_proj.size(0))
 
     # index_select's backward is a parallel index_add_, unlike the serial index_put_ behind `hidden_states[index]`.
     sorted_states = hidden_states.to(self.gate_up_proj.dtype).index_select(0, sorted_token)  # (S, H)
-    gate_up = _ExpertsLinear.apply(sorted_states, self.gate_up_proj, segments)  # (S, 2F)
+    gate_up = _ExpertsLinear.apply(sorted_states, self.gate_up_proj, rows)  # (S, 2F)
     # The routing weight scales the (S, F) activation rather than the wider (S, H) output: same product, less work.
     activation = (self._apply_gate(gate_up) * sorted_weights).to(gate_up.dtype)  # (S, F)
-    expert_out = _ExpertsLinear.apply(activation, self.down_proj, segments)  # (S, H)
+    expert_out = _ExpertsLinear.apply(activation, self.down_proj, rows)  # (S, H)
     # Each token's K outputs summed in fp32 (or wider), as transformers' kernels do.
     acc_dtype = torch.promote_types(expert_out.dtype, torch.float32)
     output = expert_out.new_zeros(hidden_states.shape, dtype=acc_dtype)  # (T, H)
