@@ -162,20 +162,26 @@ def test_expert_rows_skip_idle_experts():
     assert rows.offsets.dtype == torch.int32
 
 
+BUSY = [3, 0, 4, 2, 5, 1, 0, 3]  # 6 of 8 experts receive tokens
+
+
 @pytest.mark.parametrize(
-    ("loads", "features", "dtype", "grouped"),
+    ("loads", "features", "dtype", "weight_offset", "grouped"),
     [
-        ([3, 0, 4, 2, 5, 1, 0, 3], 16, torch.float32, True),  # 6 of 8 experts busy: one grouped_mm call
-        ([0, 0, 4, 0, 0, 0, 0, 0], 16, torch.float32, False),  # 1 of 8 busy, as when decoding: the loop
-        ([3, 0, 4, 2, 5, 1, 0, 3], 6, torch.float32, False),  # 24-byte rows: grouped_mm refuses them
-        ([3, 0, 4, 2, 5, 1, 0, 3], 16, torch.float64, False),  # grouped_mm has no float64 kernel
+        (BUSY, 16, torch.float32, 0, True),  # most experts busy: one grouped_mm call
+        ([0, 0, 4, 0, 0, 0, 0, 0], 16, torch.float32, 0, False),  # 1 of 8 busy, as when decoding: the loop
+        (BUSY, 6, torch.float32, 0, False),  # 24-byte rows: grouped_mm refuses them
+        (BUSY, 16, torch.float32, 1, False),  # weights starting 4 bytes off alignment, as a memory map may
+        (BUSY, 16, torch.float64, 0, False),  # grouped_mm has no float64 kernel
     ],
 )
-def test_experts_linear_matches_a_product_per_expert(loads, features, dtype, grouped):
+def test_experts_linear_matches_a_product_per_expert(loads, features, dtype, weight_offset, grouped):
     """Both paths give x[rows] @ weight[e].T per expert, its gradients, and zero gradient for idle experts."""
     rows = expert_rows(loads)
     x = torch.randn(sum(loads), features, dtype=dtype, requires_grad=True)
-    weight = torch.randn(len(loads), 2 * features, features, dtype=dtype, requires_grad=True)
+    shape = (len(loads), 2 * features, features)
+    storage = torch.randn(weight_offset + shape[0] * shape[1] * shape[2], dtype=dtype)
+    weight = storage[weight_offset:].view(shape).requires_grad_()
     assert _grouped_mm_applies(x, weight, rows) is grouped
     out = _ExpertsLinear.apply(x, weight, rows)
     projection = torch.randn_like(out)
@@ -200,7 +206,7 @@ def test_experts_linear_matches_a_product_per_expert(loads, features, dtype, gro
 
 
 def test_experts_linear_with_a_frozen_weight_gives_the_input_gradient():
-    rows = expert_rows([3, 0, 4, 2, 5, 1, 0, 3])
+    rows = expert_rows(BUSY)
     x = torch.randn(18, 16, requires_grad=True)
     weight = torch.randn(8, 32, 16)
     assert _grouped_mm_applies(x, weight, rows)

@@ -15,15 +15,12 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers.integrations.moe import (
-    ExpertsInterface,
-    _can_use_grouped_mm,
-    _grouped_mm,
-    grouped_mm_experts_forward,
-)
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
 
 SORTED_MM = "sorted_mm"
+# torch.nn.functional.grouped_mm is the public name of torch._grouped_mm from torch 2.10 on.
+_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -53,21 +50,25 @@ def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor, rows: _ExpertRows
 
     `grouped_mm` visits every expert, idle or not, for about a microsecond each, while the loop pays several
     microseconds of Python per expert with tokens: one call wins once a quarter of the experts have tokens
-    (training, prefill), the loop wins when decoding. The kernel takes 16-bit and 32-bit floats in rows that are a
-    multiple of 16 bytes.
+    (training, prefill), the loop wins when decoding. On CPU the kernel takes 16-bit and 32-bit floats whose start
+    and rows are aligned to 16 bytes (a memory-mapped checkpoint's weights need not be).
     """
-    row_bytes = (x.size(1) * x.element_size(), weight.size(1) * weight.element_size())
+    addresses = (
+        x.data_ptr(),
+        weight.data_ptr(),
+        x.size(1) * x.element_size(),
+        weight.size(1) * weight.element_size(),
+    )
     return (
         4 * len(rows.segments) >= weight.size(0)
         and x.dtype == weight.dtype
         and x.dtype in _GROUPED_MM_DTYPES
-        and all(size % 16 == 0 for size in row_bytes)
-        and _can_use_grouped_mm(x, weight, rows.offsets)
+        and all(address % 16 == 0 for address in addresses)
     )
 
 
 class _ExpertsLinear(torch.autograd.Function):
-    """`x[rows] @ weight[e].T` for each expert's block of expert-sorted rows; idle experts cost no product.
+    """`x[rows] @ weight[e].T` for each expert's block of expert-sorted rows; idle experts get a zero gradient.
 
     The same path, `grouped_mm` or the loop over active experts, serves the forward and the backward.
     """
@@ -76,7 +77,7 @@ class _ExpertsLinear(torch.autograd.Function):
     def forward(ctx, x, weight, rows):
         ctx.grouped = _grouped_mm_applies(x, weight, rows)
         if ctx.grouped:
-            out = _grouped_mm(x, weight.transpose(1, 2), rows.offsets)  # (S, out)
+            out = _grouped_mm(x, weight.transpose(1, 2), offs=rows.offsets)  # (S, out)
         else:
             out = x.new_empty(x.size(0), weight.size(1))  # (S, out)
             for expert, segment in rows.segments:
@@ -92,9 +93,9 @@ class _ExpertsLinear(torch.autograd.Function):
         rows = ctx.rows
         if ctx.grouped:
             grad_out = grad_out.contiguous()
-            grad_x = _grouped_mm(grad_out, weight, rows.offsets) if need_x else None
+            grad_x = _grouped_mm(grad_out, weight, offs=rows.offsets) if need_x else None
             # An idle expert is an empty group: its weight gradient comes out zero.
-            grad_weight = _grouped_mm(grad_out.t(), x, rows.offsets) if need_weight else None
+            grad_weight = _grouped_mm(grad_out.t(), x, offs=rows.offsets) if need_weight else None
             return grad_x, grad_weight, None
         grad_x = torch.empty_like(x) if need_x else None
         grad_weight = None
