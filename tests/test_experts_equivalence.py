@@ -165,23 +165,33 @@ def test_expert_rows_skip_idle_experts():
 BUSY = [3, 0, 4, 2, 5, 1, 0, 3]  # 6 of 8 experts receive tokens
 
 
+def expert_weight(shape, dtype, layout):
+    """Expert weights of `shape`, contiguous, starting 4 bytes off alignment, or cut from wider rows."""
+    if layout == "offset":
+        return torch.randn(1 + shape.numel(), dtype=dtype)[1:].view(shape)
+    if layout == "cut":
+        return torch.randn(*shape[:-1], shape[-1] + 4, dtype=dtype)[..., : shape[-1]]
+    return torch.randn(shape, dtype=dtype)
+
+
 @pytest.mark.parametrize(
-    ("loads", "features", "dtype", "weight_offset", "grouped"),
+    ("loads", "in_features", "out_features", "dtype", "layout", "grouped"),
     [
-        (BUSY, 16, torch.float32, 0, True),  # most experts busy: one grouped_mm call
-        ([0, 0, 4, 0, 0, 0, 0, 0], 16, torch.float32, 0, False),  # 1 of 8 busy, as when decoding: the loop
-        (BUSY, 6, torch.float32, 0, False),  # 24-byte rows: grouped_mm refuses them
-        (BUSY, 16, torch.float32, 1, False),  # weights starting 4 bytes off alignment, as a memory map may
-        (BUSY, 16, torch.float64, 0, False),  # grouped_mm has no float64 kernel
+        (BUSY, 16, 32, torch.float32, "contiguous", True),  # most experts busy: one grouped_mm call
+        ([0, 0, 4, 0, 0, 3, 0, 0], 16, 32, torch.float32, "contiguous", True),  # a quarter busy: still grouped
+        ([0, 0, 4, 0, 0, 0, 0, 0], 16, 32, torch.float32, "contiguous", False),  # 1 of 8, as when decoding: loop
+        (BUSY, 6, 32, torch.float32, "contiguous", False),  # 24-byte input rows: grouped_mm refuses them
+        (BUSY, 16, 6, torch.float32, "contiguous", False),  # 24-byte output rows (and output-gradient rows)
+        (BUSY, 16, 32, torch.float32, "offset", False),  # weights starting off alignment, as a memory map may
+        (BUSY, 16, 32, torch.float32, "cut", False),  # weights that are a view into wider rows
+        (BUSY, 16, 32, torch.float64, "contiguous", False),  # grouped_mm has no float64 kernel
     ],
 )
-def test_experts_linear_matches_a_product_per_expert(loads, features, dtype, weight_offset, grouped):
+def test_experts_linear_matches_a_product_per_expert(loads, in_features, out_features, dtype, layout, grouped):
     """Both paths give x[rows] @ weight[e].T per expert, its gradients, and zero gradient for idle experts."""
     rows = expert_rows(loads)
-    x = torch.randn(sum(loads), features, dtype=dtype, requires_grad=True)
-    shape = (len(loads), 2 * features, features)
-    storage = torch.randn(weight_offset + shape[0] * shape[1] * shape[2], dtype=dtype)
-    weight = storage[weight_offset:].view(shape).requires_grad_()
+    x = torch.randn(sum(loads), in_features, dtype=dtype, requires_grad=True)
+    weight = expert_weight(torch.Size((len(loads), out_features, in_features)), dtype, layout).requires_grad_()
     assert _grouped_mm_applies(x, weight, rows) is grouped
     out = _ExpertsLinear.apply(x, weight, rows)
     projection = torch.randn_like(out)

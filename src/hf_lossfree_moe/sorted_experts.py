@@ -4,10 +4,10 @@ On CPU, transformers' `grouped_mm` spends a good part of a training step outside
 of the gather `hidden_states[perm // K]` and of the un-permutation `out[inv_perm]` is a serial `index_put_` scatter,
 and the routing weights scale the wide (T*K, H) expert outputs. This kernel sorts the K copies of the tokens by expert
 once, gathers them with `index_select` (whose backward is a parallel `index_add_`), multiplies each expert's
-contiguous rows by its weights (one `grouped_mm` call when most experts are busy, one `mm` per active expert when
-few are), applies the routing weights to the narrower (T*K, F) activation, and sums each token's copies back with
-`index_add_`: no inverse permutation, no serial scatter. On other devices, and for expert layouts other than
-concatenated [gate; up] weights without biases, it is transformers' `grouped_mm`.
+contiguous rows by its weights (one `grouped_mm` call when a quarter or more of the experts are busy, one `mm` per
+active expert when fewer are), applies the routing weights to the narrower (T*K, F) activation, and sums each
+token's copies back with `index_add_`: no inverse permutation, no serial scatter. On other devices, and for expert
+layouts other than concatenated [gate; up] weights without biases, it is transformers' `grouped_mm`.
 This file imports nothing from `hf_lossfree_moe`, so it travels with the modeling file to the Hub.
 """
 
@@ -16,11 +16,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+from transformers.utils import is_torch_greater_or_equal
 
 
 SORTED_MM = "sorted_mm"
-# torch.nn.functional.grouped_mm is the public name of torch._grouped_mm from torch 2.10 on.
-_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+# torch.nn.functional.grouped_mm is the public name of torch._grouped_mm from torch 2.10 on. This file also runs as a
+# saved model's remote code under older torch: before 2.9 there is no CPU kernel, and the loop does all the work.
+if is_torch_greater_or_equal("2.9", accept_dev=True):
+    _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+else:
+    _grouped_mm = None
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -50,20 +55,24 @@ def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor, rows: _ExpertRows
 
     `grouped_mm` visits every expert, idle or not, for about a microsecond each, while the loop pays several
     microseconds of Python per expert with tokens: one call wins once a quarter of the experts have tokens
-    (training, prefill), the loop wins when decoding. On CPU the kernel takes 16-bit and 32-bit floats whose start
-    and rows are aligned to 16 bytes (a memory-mapped checkpoint's weights need not be).
+    (training, prefill), the loop wins when decoding a few tokens over many experts. On CPU the kernel takes
+    contiguous 16-bit and 32-bit floats whose rows, and (torch <= 2.10) start, are aligned to 16 bytes; weights
+    memory-mapped from a checkpoint need not start aligned.
     """
-    addresses = (
+    aligned = (
         x.data_ptr(),
         weight.data_ptr(),
-        x.size(1) * x.element_size(),
-        weight.size(1) * weight.element_size(),
+        x.size(1) * x.element_size(),  # rows of x and of each weight matrix (its input width)
+        weight.size(1) * weight.element_size(),  # rows of the output, and of its gradient in the backward
     )
     return (
-        4 * len(rows.segments) >= weight.size(0)
+        _grouped_mm is not None
+        and 4 * len(rows.segments) >= weight.size(0)
         and x.dtype == weight.dtype
         and x.dtype in _GROUPED_MM_DTYPES
-        and all(address % 16 == 0 for address in addresses)
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and all(address % 16 == 0 for address in aligned)
     )
 
 
