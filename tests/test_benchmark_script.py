@@ -95,6 +95,7 @@ def test_quick_run_balancing_section_and_table(quick_run):
     assert balancing["balancer_step_ms"] > 0 and math.isfinite(balancing["overhead_pct"])
     step_ms = report["results"]["LossFreeMoe sorted_mm"]["train_step_ms"]
     assert 0 < balancing["work_ms"] < step_ms and 0 < balancing["work_pct"] < 100
+    assert balancing["work_pct"] == pytest.approx(100 * balancing["work_ms"] / step_ms)
     assert report["environment"]["cpu_threads"] == 1
     for name in report["results"]:
         assert name in stdout
