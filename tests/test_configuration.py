@@ -86,3 +86,34 @@ def test_invalid_values_raise_naming_field_and_allowed_values(tiny_config, overr
     message = str(error.value)
     assert f"LossFreeMoeConfig.{field} must be" in message
     assert allowed in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("n_group", 3, "a divisor of n_routed_experts=8"),
+        ("scoring_func", "relu", "one of ('sigmoid', 'softmax')"),
+        ("bias_update_rate", -1.0, "a number >= 0"),
+        ("num_experts_per_tok", 9, "at most n_routed_experts=8"),
+        ("hidden_size", "wide", "of type int"),
+    ],
+)
+def test_a_field_changed_after_construction_is_judged(tiny_config, field, value, allowed):
+    """Scripts change configs after building them; an option is rejected on assignment or by `validate()`."""
+    config = tiny_config()
+    with pytest.raises(ValueError) as error:
+        setattr(config, field, value)
+        config.validate()
+    assert f"LossFreeMoeConfig.{field} must be {allowed}" in str(error.value)
+
+
+def test_head_dim_is_settable_like_deepseek_v3(tiny_config):
+    assert tiny_config().head_dim == 64 // 4
+    config = tiny_config(head_dim=32)
+    assert config.head_dim == 32
+    assert LossFreeMoeConfig.from_dict(config.to_dict()).head_dim == 32
+    config.head_dim = 8
+    config.validate()
+    assert config.head_dim == 8
+    with pytest.raises(ValueError, match="LossFreeMoeConfig.head_dim must be a positive integer"):
+        tiny_config(head_dim=0)

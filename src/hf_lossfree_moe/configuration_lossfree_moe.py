@@ -6,17 +6,20 @@ This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads 
 """
 
 import math
+from functools import wraps
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 
-SCORING_FUNCS = ("sigmoid", "softmax")
-LOAD_BALANCING_METHODS = ("loss_free", "aux_loss", "none")
-BIAS_UPDATE_RULES = ("sign", "error")
-BIAS_TYPES = ("additive", "multiplicative")
+ScoringFunc = Literal["sigmoid", "softmax"]
+LoadBalancing = Literal["loss_free", "aux_loss", "none"]
+BiasUpdateRule = Literal["sign", "error"]
+BiasType = Literal["additive", "multiplicative"]
 
 # The paper's alpha for the loss-controlled baseline with a sigmoid gate (3e-4 is its softmax-gate value).
 PAPER_AUX_LOSS_COEF = 1e-3
@@ -39,6 +42,7 @@ class LossFreeMoeConfig(PreTrainedConfig):
         num_attention_heads (`int`, defaults to 16): Query heads; must divide `hidden_size`.
         num_key_value_heads (`int`, *optional*): Key/value heads (grouped-query attention); must divide
             `num_attention_heads`. Defaults to `num_attention_heads` (multi-head attention).
+        head_dim (`int`, *optional*): Width of one attention head. Defaults to `hidden_size // num_attention_heads`.
         hidden_act (`str`, defaults to `"silu"`): Activation of the SwiGLU gates.
         max_position_embeddings (`int`, defaults to 4096): Longest sequence the rotary embedding is sized for.
         initializer_range (`float`, defaults to 0.02): Std of the normal initialisation.
@@ -120,6 +124,7 @@ class LossFreeMoeConfig(PreTrainedConfig):
     num_hidden_layers: int = 12
     num_attention_heads: int = 16
     num_key_value_heads: int | None = None
+    head_dim: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
@@ -137,11 +142,11 @@ class LossFreeMoeConfig(PreTrainedConfig):
     topk_group: int = 1
     norm_topk_prob: bool = False
     routed_scaling_factor: float | int = 1.0
-    scoring_func: str = "sigmoid"
-    load_balancing: str = "loss_free"
+    scoring_func: ScoringFunc = "sigmoid"
+    load_balancing: LoadBalancing = "loss_free"
     bias_update_rate: float | int = 1e-3
-    bias_update_rule: str = "sign"
-    bias_type: str = "additive"
+    bias_update_rule: BiasUpdateRule = "sign"
+    bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
     pad_token_id: int | None = None
@@ -151,25 +156,27 @@ class LossFreeMoeConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and _positive_int(self.hidden_size) and _positive_int(self.num_attention_heads):
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "hidden_size",
+                f"a multiple of num_attention_heads={self.num_attention_heads} (or set head_dim)",
+                self.hidden_size,
+            )
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = PAPER_AUX_LOSS_COEF if self.load_balancing == "aux_loss" else 0.0
         super().__post_init__(**kwargs)
-        self._check_values()
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.first_k_dense_replace
 
-    def _require(self, condition: bool, field: str, allowed: str):
-        if not condition:
-            raise ValueError(f"LossFreeMoeConfig.{field} must be {allowed}, got {getattr(self, field)!r}.")
+    # Validators: `@strict` runs every `validate_*` method after `__init__` and on `config.validate()`, so a field
+    # changed after construction is judged too. Each raises `ValueError` naming the field and the allowed values.
 
-    def _check_values(self):
-        """Raise `ValueError` naming the field and the allowed values; nothing is clamped."""
+    def validate_architecture(self):
+        super().validate_architecture()
         for name in (
             "vocab_size",
             "hidden_size",
@@ -178,34 +185,33 @@ class LossFreeMoeConfig(PreTrainedConfig):
             "num_hidden_layers",
             "num_attention_heads",
             "num_key_value_heads",
+            "head_dim",
             "max_position_embeddings",
             "n_routed_experts",
             "num_experts_per_tok",
             "n_group",
             "topk_group",
         ):
-            self._require(getattr(self, name) > 0, name, "a positive integer")
+            self._require(_positive_int(getattr(self, name)), name, "a positive integer")
         for name in ("n_shared_experts", "first_k_dense_replace"):
             self._require(getattr(self, name) >= 0, name, "a non-negative integer")
-        for name, allowed in (
-            ("scoring_func", SCORING_FUNCS),
-            ("load_balancing", LOAD_BALANCING_METHODS),
-            ("bias_update_rule", BIAS_UPDATE_RULES),
-            ("bias_type", BIAS_TYPES),
-        ):
-            self._require(getattr(self, name) in allowed, name, f"one of {allowed}")
         self._require(self.hidden_act in ACT2FN, "hidden_act", f"one of {sorted(ACT2FN)}")
 
-        self._require(
-            self.hidden_size % self.num_attention_heads == 0,
-            "hidden_size",
-            f"a multiple of num_attention_heads={self.num_attention_heads}",
-        )
+    def validate_attention(self):
         self._require(
             self.num_attention_heads % self.num_key_value_heads == 0,
             "num_attention_heads",
             f"a multiple of num_key_value_heads={self.num_key_value_heads}",
         )
+        self._require(
+            _finite(self.attention_dropout) and 0 <= self.attention_dropout < 1, "attention_dropout", "in [0, 1)"
+        )
+        self._require(_finite(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
+        self._require(
+            _finite(self.initializer_range) and self.initializer_range >= 0, "initializer_range", "a number >= 0"
+        )
+
+    def validate_experts(self):
         self._require(
             self.first_k_dense_replace <= self.num_hidden_layers,
             "first_k_dense_replace",
@@ -216,6 +222,13 @@ class LossFreeMoeConfig(PreTrainedConfig):
             "num_experts_per_tok",
             f"at most n_routed_experts={self.n_routed_experts}",
         )
+        self._require(
+            _finite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+            "routed_scaling_factor",
+            "a positive number",
+        )
+
+    def validate_routing_groups(self):
         self._require(
             self.n_routed_experts % self.n_group == 0,
             "n_group",
@@ -230,18 +243,7 @@ class LossFreeMoeConfig(PreTrainedConfig):
             f"experts (they hold {experts_in_kept_groups})",
         )
 
-        self._require(_finite(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
-        self._require(
-            _finite(self.initializer_range) and self.initializer_range >= 0, "initializer_range", "a number >= 0"
-        )
-        self._require(
-            _finite(self.attention_dropout) and 0 <= self.attention_dropout < 1, "attention_dropout", "in [0, 1)"
-        )
-        self._require(
-            _finite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
-            "routed_scaling_factor",
-            "a positive number",
-        )
+    def validate_load_balancing(self):
         self._require(
             _finite(self.bias_update_rate) and self.bias_update_rate >= 0,
             "bias_update_rate",
@@ -265,9 +267,55 @@ class LossFreeMoeConfig(PreTrainedConfig):
                 "0 with load_balancing='none' (choose 'aux_loss' to train with a balance loss)",
             )
 
+    def _require(self, condition: bool, field: str, allowed: str):
+        _require(condition, field, allowed, getattr(self, field))
+
+
+def _require(condition: bool, field: str, allowed: str, value):
+    if not condition:
+        raise ValueError(f"LossFreeMoeConfig.{field} must be {allowed}, got {value!r}.")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _allowed(field: str) -> str:
+    annotation = LossFreeMoeConfig.__dataclass_fields__[field].type
+    options = get_args(annotation)
+    if options and all(isinstance(option, str) for option in options):
+        return f"one of {options}"
+    return f"of type {getattr(annotation, '__name__', annotation)}"
+
+
+def _raise_value_errors(config_class):
+    """`@strict` wraps a bad value in its own error types; raise the `ValueError` naming the field instead, so every
+    invalid value reaches the user the same way, at construction, on assignment and from `config.validate()`."""
+    strict_setattr, strict_validate = config_class.__setattr__, config_class.validate
+
+    @wraps(strict_setattr)
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as error:
+            raise ValueError(f"LossFreeMoeConfig.{name} must be {_allowed(name)}, got {value!r}.") from error
+
+    @wraps(strict_validate)
+    def validate(self):
+        try:
+            strict_validate(self)
+        except StrictDataclassClassValidationError as error:
+            raise error.__cause__ from None
+
+    config_class.__setattr__ = __setattr__
+    config_class.validate = validate
+
+
+_raise_value_errors(LossFreeMoeConfig)
 
 
 __all__ = ["LossFreeMoeConfig"]
