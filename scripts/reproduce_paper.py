@@ -17,20 +17,9 @@ from dataclasses import dataclass, field, fields, make_dataclass, replace
 from transformers import HfArgumentParser
 
 from hf_lossfree_moe.data import TextDataArguments
-from hf_lossfree_moe.reproduce import (
-    ABLATIONS,
-    DEFAULT_SCALE,
-    DEVICES,
-    QUICK_SCALE,
-    Scale,
-    describe_settings,
-    methods_of,
-    plan_execution,
-    prepare_blocks,
-    replay,
-    select_comparisons,
-    write_outputs,
-)
+from reproduce.methods import ABLATIONS, methods_of, select_comparisons
+from reproduce.report import describe_settings, write_outputs
+from reproduce.runs import DEFAULT_SCALE, DEVICES, QUICK_SCALE, Scale, plan_execution, prepare_blocks, replay
 
 
 @dataclass

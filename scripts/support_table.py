@@ -24,8 +24,8 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from hf_lossfree_moe import LossFreeBalancer
-from hf_lossfree_moe.balancing import find_routers
-from hf_lossfree_moe.families import build_tiny_model, correction_bias_families, tiny_model_class
+from hf_lossfree_moe.routers import find_routers
+from hf_lossfree_moe.testing_utils import build_tiny_model, correction_bias_families, tiny_model_class
 
 
 TOP_K = 2  # build_tiny_model routes each token to 2 of 8 experts

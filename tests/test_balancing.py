@@ -10,9 +10,10 @@ from hf_lossfree_moe import (
     LossFreeBalancer,
     LossFreeMoeForCausalLM,
     RouterAdapter,
-    balancing,
+    RouterLocation,
     maxvio,
     register_router_adapter,
+    routers,
 )
 from hf_lossfree_moe.metrics import MAXVIO_METRIC_PATH
 
@@ -107,7 +108,7 @@ def test_eval_forwards_do_not_touch_training_counts(model):
         model(input_ids=input_ids, attention_mask=attention_mask)
     assert torch.equal(balancer.loads, before)
     assert torch.equal(measurement.loads, before)  # same weights and biases: same routing
-    assert measurement.maxvio_global == pytest.approx(maxvio(before).mean().item())
+    assert measurement.maxvio_global == pytest.approx(maxvio(before).mean)
 
 
 def test_eval_only_measurement_leaves_training_forwards_to_step(model):
@@ -184,8 +185,10 @@ def test_step_applies_the_sign_rule_in_place(model):
     assert all(bias.dtype == torch.float32 for bias in tensors)
     assert torch.equal(model.state_dict()["model.layers.1.mlp.gate.e_score_correction_bias"], expected[0])
     per_layer = maxvio(loads)
-    assert stats["maxvio_batch"] == pytest.approx(per_layer.mean().item())
-    assert [stats["maxvio_batch/layer_0"], stats["maxvio_batch/layer_1"]] == pytest.approx(per_layer.tolist())
+    assert stats["maxvio_batch"] == pytest.approx(per_layer.mean)
+    assert [stats["maxvio_batch/layer_1"], stats["maxvio_batch/layer_2"]] == pytest.approx(
+        list(per_layer.per_layer.values())
+    )
     assert stats["bias_abs_max"] == pytest.approx(expected.abs().max().item())
     assert stats["bias_updated"] == 1.0
     assert balancer.loads.sum() == 0
@@ -225,7 +228,12 @@ def test_step_without_tokens_changes_nothing_and_says_so(model):
     with pytest.warns(UserWarning, match="no token was counted"):
         stats = balancer.step()
     assert "maxvio_batch" not in stats
-    assert stats == {"bias_abs_max": 0.0, "bias_abs_mean": 0.0, "bias_updated": 0.0}
+    assert stats == {
+        "maxvio_batch/skipped_layers": 2.0,
+        "bias_abs_max": 0.0,
+        "bias_abs_mean": 0.0,
+        "bias_updated": 0.0,
+    }
     assert torch.equal(balancer.biases(), torch.zeros(2, 8))
 
 
@@ -400,7 +408,7 @@ def test_a_router_with_another_output_needs_an_adapter():
 
 
 def test_registered_adapter_reads_a_bias_stored_elsewhere(monkeypatch):
-    monkeypatch.setattr(balancing, "_FAMILY_ADAPTERS", {})
+    monkeypatch.setattr(routers, "_FAMILY_ADAPTERS", {})
 
     class Statics(nn.Module):  # holds the bias for its router, as ERNIE-4.5-MoE does; shape (1, E)
         def __init__(self, num_experts):
@@ -420,8 +428,11 @@ def test_registered_adapter_reads_a_bias_stored_elsewhere(monkeypatch):
     register_router_adapter(
         RouterAdapter(
             name="pair",
-            is_router=lambda module: isinstance(module, PairRouter),
-            bias_location=lambda router: (router.statics, "e_score_correction_bias"),
+            locate=lambda module: (
+                RouterLocation(module, module.statics, "e_score_correction_bias")
+                if isinstance(module, PairRouter)
+                else None
+            ),
             topk_indices=lambda router, output: output[1],
         )
     )
@@ -460,19 +471,50 @@ def test_bad_settings_are_rejected(model, kwargs, message):
 
 def test_maxvio_by_hand():
     loads = torch.tensor([[3, 1, 2, 2], [2, 2, 2, 2]])
-    assert maxvio(loads).tolist() == [0.5, 0.0]
-    assert maxvio(loads[0]).item() == 0.5
-    with pytest.raises(ValueError, match="no tokens"):
-        maxvio(torch.zeros(2, 4))
+    assert maxvio(loads).per_layer == {0: 0.5, 1: 0.0}
+    assert maxvio(loads).mean == 0.25
+    assert maxvio(loads[0]).per_layer == {0: 0.5}
+    assert maxvio(loads, layers=[3, 5]).metrics("maxvio_batch") == {
+        "maxvio_batch": 0.25,
+        "maxvio_batch/layer_3": 0.5,
+        "maxvio_batch/layer_5": 0.0,
+    }
     with pytest.raises(ValueError, match=">= 0"):
         maxvio(torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="layers must number each of the 2 rows"):
+        maxvio(loads, layers=[1])
+
+
+def test_maxvio_skips_a_layer_without_tokens_and_says_so():
+    """An idle router (a vision expert on text, PEFT's idle copy) must not hide the other layers' metric."""
+    result = maxvio(torch.tensor([[0, 0, 0, 0], [6, 0, 2, 0]]), layers=[1, 2])
+    assert result.per_layer == {2: 2.0}  # mean load 2, max 6: (6 - 2) / 2
+    assert result.skipped == (1,)
+    assert result.mean == 2.0
+    assert result.metrics("eval_maxvio_global") == {
+        "eval_maxvio_global": 2.0,
+        "eval_maxvio_global/layer_2": 2.0,
+        "eval_maxvio_global/skipped_layers": 1.0,
+    }
+    nothing = maxvio(torch.zeros(2, 4))
+    assert (nothing.mean, nothing.skipped) == (None, (0, 1))
+    assert nothing.metrics("maxvio_batch") == {"maxvio_batch/skipped_layers": 2.0}
 
 
 def test_maxvio_evaluate_module_loads_from_a_local_path():
     metric = evaluate.load(MAXVIO_METRIC_PATH)
-    assert metric.compute(loads=[[3, 1, 2, 2], [2, 2, 2, 2]]) == {"maxvio": 0.25, "maxvio_per_layer": [0.5, 0.0]}
-    with pytest.raises(ValueError, match="positive sum"):
-        metric.compute(loads=[[0, 0]])
+    assert metric.compute(loads=[[3, 1, 2, 2], [2, 2, 2, 2]]) == {
+        "maxvio": 0.25,
+        "maxvio_per_layer": [0.5, 0.0],
+        "skipped_layers": [],
+    }
+    assert metric.compute(loads=[[0, 0], [1, 3]]) == {
+        "maxvio": 0.5,
+        "maxvio_per_layer": [None, 0.5],
+        "skipped_layers": [0],
+    }
+    with pytest.raises(ValueError, match=">= 0"):
+        metric.compute(loads=[[1, -1]])
 
 
 def test_no_warning_for_a_healthy_model(model):

@@ -117,7 +117,7 @@ def test_trainer_logs_maxvio_everywhere_with_gradient_accumulation(tiny_config, 
     assert [entry["step"] for entry in train_logs] == [2, 4]
     for entry, window in zip(train_logs, (steps[:2], steps[2:]), strict=True):
         assert entry["maxvio_batch"] == pytest.approx(sum(s["maxvio_batch"] for _, s in window) / 2)
-        assert entry["maxvio_batch/layer_1"] == pytest.approx(sum(s["maxvio_batch/layer_1"] for _, s in window) / 2)
+        assert entry["maxvio_batch/layer_2"] == pytest.approx(sum(s["maxvio_batch/layer_2"] for _, s in window) / 2)
         assert entry["bias_abs_max"] == window[-1][1]["bias_abs_max"]
     eval_log = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
     assert eval_log["eval_maxvio_global"] > 0
@@ -129,15 +129,15 @@ def test_trainer_logs_maxvio_everywhere_with_gradient_accumulation(tiny_config, 
         model.eval()
         model(**collate(validation))
     assert metrics["eval_maxvio_global"] == pytest.approx(measurement.maxvio_global)
-    per_layer = maxvio(measurement.loads).tolist()
-    assert [metrics["eval_maxvio_global/layer_0"], metrics["eval_maxvio_global/layer_1"]] == pytest.approx(per_layer)
+    per_layer = list(maxvio(measurement.loads).per_layer.values())
+    assert [metrics["eval_maxvio_global/layer_1"], metrics["eval_maxvio_global/layer_2"]] == pytest.approx(per_layer)
     assert trainer.state.log_history[-1]["eval_maxvio_global"] == metrics["eval_maxvio_global"]
     assert torch.equal(callback.balancer.biases(), biases)  # evaluation moved no bias ...
     assert callback.balancer.loads.sum() == 0  # ... and counted nothing toward training
 
     scalars = tensorboard_scalars(tmp_path)
     assert scalars["train/maxvio_batch"] == pytest.approx([entry["maxvio_batch"] for entry in train_logs])
-    assert "train/maxvio_batch/layer_0" in scalars
+    assert "train/maxvio_batch/layer_1" in scalars
     assert "train/bias_abs_max" in scalars
     assert scalars["eval/maxvio_global"] == pytest.approx(
         [eval_log["eval_maxvio_global"], metrics["eval_maxvio_global"]]
@@ -151,7 +151,7 @@ def test_evaluate_before_training_and_predict(tiny_config, tmp_path):
     callback = add_balancing_callback(trainer)
 
     metrics = trainer.evaluate()
-    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(callback.last_eval_loads).mean().item())
+    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(callback.last_eval_loads).mean)
     assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
     prediction = trainer.predict(validation)
     assert prediction.metrics["test_maxvio_global"] == pytest.approx(metrics["eval_maxvio_global"])
@@ -205,6 +205,10 @@ def test_callback_passed_to_trainer_warns_that_integrations_miss_it(tiny_config,
     assert "train/maxvio_batch" not in tensorboard_scalars(tmp_path)
 
 
-def test_unknown_balancer_arguments_are_rejected():
-    with pytest.raises(ValueError, match="update_rates"):
+def test_balancer_arguments_are_declared_and_checked_when_the_callback_is_built():
+    with pytest.raises(TypeError, match="update_rates"):
         LossFreeBalancingCallback(update_rates=1e-3)
+    with pytest.raises(ValueError, match="update_rate must be a finite number >= 0"):
+        LossFreeBalancingCallback(update_rate=-1.0)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        LossFreeBalancingCallback(rule="momentum")

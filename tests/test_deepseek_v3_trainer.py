@@ -80,7 +80,7 @@ def test_trainer_balances_saves_and_stock_transformers_reloads(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "maxvio_batch" in entry]
     assert len(logged) == STEPS
     for entry in logged:  # the mean over the two MoE layers
-        layers = entry["maxvio_batch/layer_0"], entry["maxvio_batch/layer_1"]
+        layers = entry["maxvio_batch/layer_1"], entry["maxvio_batch/layer_2"]
         assert entry["maxvio_batch"] == pytest.approx(sum(layers) / 2)
     biases = router_biases(model)  # (2, 8)
     assert callback.balancer.names == ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]

@@ -1,18 +1,15 @@
 """Loss-free balancing of transformers' own MoE families that carry an `e_score_correction_bias`."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from hf_lossfree_moe import LossFreeBalancer
-from hf_lossfree_moe.balancing import DEEPSEEK_V3_ADAPTER, find_routers
-from hf_lossfree_moe.families import (
-    BIAS_ARGUMENT_ADAPTER,
-    SHARED_GATES_ADAPTER,
-    STATICS_ADAPTER,
-    build_tiny_model,
-    correction_bias_families,
-    tiny_model_class,
-)
+from hf_lossfree_moe.families import BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER, STATICS_ADAPTER
+from hf_lossfree_moe.routers import DEEPSEEK_V3_ADAPTER, find_routers
+from hf_lossfree_moe.testing_utils import build_tiny_model, correction_bias_families, tiny_model_class
 
 
 TOP_K = 2  # build_tiny_model routes each token to 2 of 8 experts
@@ -182,3 +179,15 @@ def test_a_subclass_keeps_the_bias_fp32_when_loading_in_bf16(tmp_path):
 def test_build_tiny_model_rejects_bad_arguments(family, num_layers, message):
     with pytest.raises(ValueError, match=message):
         build_tiny_model(family, num_layers=num_layers)
+
+
+def test_router_discovery_is_a_pure_function_of_the_module_it_is_given():
+    """The block that holds MiniMax-M2's bias makes its gate a router; asked about in any order, the answer is the
+    same, and importing the package reads no transformers source file (that is `testing_utils`' job)."""
+    model = build_tiny_model("minimax_m2")
+    block = model.model.layers[1].mlp
+    assert find_routers(block.gate) == []  # the gate alone holds no bias
+    assert [router.name for router in find_routers(block)] == ["gate"]
+    assert [router.name for router in find_routers(model)] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    code = "import sys, hf_lossfree_moe; print('hf_lossfree_moe.testing_utils' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -14,8 +14,8 @@ LOG_HISTORY = [
         "step": 20,
         "eval_loss": math.log(20.0),
         "eval_maxvio_global": 0.0625,
-        "eval_maxvio_global/layer_0": 0.05,
-        "eval_maxvio_global/layer_1": 0.075,
+        "eval_maxvio_global/layer_1": 0.05,
+        "eval_maxvio_global/layer_2": 0.075,
     },
 ]
 
@@ -41,7 +41,7 @@ def test_final_metrics_take_the_last_evaluation_and_perplexity_is_exp_loss():
     metrics = final_metrics(LOG_HISTORY)
     assert metrics["perplexity"] == pytest.approx(20.0)
     assert metrics["maxvio_global"] == 0.0625
-    assert metrics["maxvio_global_per_layer"] == [0.05, 0.075]
+    assert metrics["maxvio_global_per_layer"] == {1: 0.05, 2: 0.075}
     assert (metrics["train_loss"], metrics["train_steps"]) == (4.5, 20)
 
 
@@ -66,7 +66,7 @@ def test_card_text_states_the_metrics_settings_and_usage(card):
     text = card.text
     assert "| validation perplexity | 20.00 |" in text
     assert "| MaxVio_global (mean over MoE layers) | 0.0625 |" in text
-    assert "| MaxVio_global, layer 1 | 0.0500 |" in text  # MoE layer 0 is decoder layer 1
+    assert "| MaxVio_global, layer 1 | 0.0500 |" in text  # decoder layer 1, as in the logs
     assert "| MaxVio_global, layer 2 | 0.0750 |" in text
     assert "| bias update rule | `sign` |" in text
     assert "| bias update rate u | 0.001 |" in text

@@ -14,7 +14,7 @@ from hf_lossfree_moe.plotting import (
     RoutingHistory,
     RoutingHistoryRecorder,
     draw_run_plots,
-    layer_label,
+    layer_labels,
     plot_maxvio_batch,
 )
 
@@ -38,8 +38,8 @@ def finished_run(tmp_path):
             "step": step,
             "loss": 6.0 - step / 10,
             "maxvio_batch": mv,
-            "maxvio_batch/layer_0": mv,
             "maxvio_batch/layer_1": mv,
+            "maxvio_batch/layer_2": mv,
         }
         for step, mv in ((10, 3.0), (20, 1.0), (30, 0.2))
     ]
@@ -81,10 +81,15 @@ def test_routing_history_round_trips_through_json(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "index", "label"), [("model.layers.12.mlp.gate", 0, "layer 12"), ("gate", 3, "router 3")]
+    ("names", "labels"),
+    [
+        (["model.layers.1.mlp.gate", "model.layers.12.mlp.gate"], ["layer 1", "layer 12"]),
+        (["gate", "model.layers.3.mlp.gate"], ["layer 0", "layer 1"]),  # a name without a layer: by position
+        (["layers.2.mlp.text.gate", "layers.2.mlp.vision.gate"], ["layer 0", "layer 1"]),  # two routers in one layer
+    ],
 )
-def test_layer_label(name, index, label):
-    assert layer_label(name, index) == label
+def test_layer_labels_use_the_decoder_layer_index(names, labels):
+    assert layer_labels(names) == labels
 
 
 def test_recorder_keeps_biases_per_training_log_and_the_eval_loads(tiny_config, tmp_path):

@@ -7,25 +7,17 @@ import pytest
 import torch
 
 from hf_lossfree_moe import LossFreeBalancer, maxvio
-from hf_lossfree_moe.reproduce import (
-    ABLATIONS,
-    MAIN_COMPARISON,
-    METHODS,
+from reproduce.methods import ABLATIONS, MAIN_COMPARISON, METHODS, methods_of, select_comparisons
+from reproduce.report import markdown_report, markdown_table, moving_average, summarize, write_json
+from reproduce.runs import (
     Execution,
     RunResult,
     Scale,
     build_model,
-    evaluate,
     final_mean,
-    markdown_report,
-    markdown_table,
-    methods_of,
-    moving_average,
+    measure_held_out,
     plan_execution,
-    select_comparisons,
     spread_indices,
-    summarize,
-    write_json,
 )
 
 
@@ -151,22 +143,22 @@ def test_maxvio_global_counts_every_validation_token_apart_from_training(tiny_co
     for router in balancer.routers:
         router.e_score_correction_bias[:2] = 10.0
     blocks = torch.randint(0, 128, (7, 16))  # 112 tokens in batches of 3, 3 and 1
-    _, loads = evaluate(model, balancer, blocks, batch_size=3)
+    _, loads = measure_held_out(model, balancer, blocks, batch_size=3)
     expected = torch.zeros(2, 8, dtype=torch.int64)
     expected[:, :2] = 112
     assert torch.equal(loads, expected)
     assert balancer.loads.sum() == 0  # training loads untouched: the next step() sees none of these tokens
-    assert maxvio(loads).tolist() == [3.0, 3.0]
+    assert list(maxvio(loads).per_layer.values()) == [3.0, 3.0]
 
 
 def test_validation_loss_leaves_out_the_balance_loss():
-    """An aux-loss model's `loss` includes alpha * aux_loss; `evaluate` reports the language-model loss alone, which is
+    """An aux-loss model's `loss` includes alpha * aux_loss; `measure_held_out` reports the language-model loss alone, which is
     that of the same weights without a balance loss (same seed, same weights for every method)."""
     aux_model = build_model(METHODS["aux_loss"], TINY_SCALE, vocab_size=128, seed=3)
     plain_model = build_model(METHODS["none"], TINY_SCALE, vocab_size=128, seed=3).eval()
     blocks = torch.randint(0, 128, (5, 16))
     balancer = LossFreeBalancer(aux_model)
-    loss, _ = evaluate(aux_model, balancer, blocks, batch_size=2)
+    loss, _ = measure_held_out(aux_model, balancer, blocks, batch_size=2)
     with torch.no_grad():
         lm_loss = plain_model(input_ids=blocks, labels=blocks).loss.item()
         with_balance = aux_model(input_ids=blocks, labels=blocks).loss.item()

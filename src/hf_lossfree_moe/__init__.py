@@ -7,9 +7,10 @@ Importing the package registers `LossFreeMoe` with the Auto classes and marks it
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from . import families  # noqa: F401  (registers router adapters for transformers' MoE families)
-from .balancing import LoadMeasurement, LossFreeBalancer, RouterAdapter, maxvio, register_router_adapter
+from .balancing import LoadMeasurement, LossFreeBalancer
 from .callbacks import LossFreeBalancingCallback, add_balancing_callback
 from .configuration_lossfree_moe import LossFreeMoeConfig
+from .load_metrics import MaxVio, maxvio
 from .metrics import MAXVIO_METRIC_PATH
 from .modeling_lossfree_moe import (
     LossFreeMoeExperts,
@@ -20,6 +21,7 @@ from .modeling_lossfree_moe import (
     LossFreeMoeTopkRouter,
     sequence_balance_loss,
 )
+from .routers import RouterAdapter, RouterLocation, register_router_adapter
 
 
 __version__ = "0.1.0"
@@ -36,7 +38,9 @@ __all__ = [
     "LoadMeasurement",
     "LossFreeBalancer",
     "LossFreeBalancingCallback",
+    "MaxVio",
     "RouterAdapter",
+    "RouterLocation",
     "add_balancing_callback",
     "maxvio",
     "register_router_adapter",

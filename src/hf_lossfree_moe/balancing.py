@@ -12,122 +12,25 @@ import inspect
 import math
 import warnings
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from .configuration_lossfree_moe import BiasType, BiasUpdateRule
+from .load_metrics import MaxVio, maxvio
+from .routers import BIAS_NAME, FoundRouter, find_routers, layer_numbers
 
-BIAS_NAME = "e_score_correction_bias"
-UPDATE_RULES = ("sign", "error")
-BIAS_TYPES = ("additive", "multiplicative")
+
+UPDATE_RULES = get_args(BiasUpdateRule)
+BIAS_TYPES = get_args(BiasType)
 # Used when the model's config does not say (e.g. transformers' DeepSeek-V3): the paper's and DeepSeek-V3's values.
 DEFAULT_UPDATE_RATE = 1e-3
 DEFAULT_UPDATE_RULE = "sign"
 DEFAULT_BIAS_TYPE = "additive"
 NEUTRAL_BIAS = {"additive": 0.0, "multiplicative": 1.0}
-
-
-@dataclass(frozen=True)
-class RouterAdapter:
-    """How the balancer reads one family of routers.
-
-    Attributes:
-        name: The family's name, shown in errors; registering a second adapter with the same name replaces the first.
-        is_router: Whether a module is a router of the family: the module whose forward output holds the top-K
-            expert indices of the tokens it routed.
-        bias_location: `(owner, attribute)` of the router's correction bias, a buffer or parameter with one entry
-            per expert. The balancer updates it in place.
-        topk_indices: The `(T, K)` integer expert indices, read from the router's forward output.
-    """
-
-    name: str
-    is_router: Callable[[nn.Module], bool]
-    bias_location: Callable[[nn.Module], tuple[nn.Module, str]]
-    topk_indices: Callable[[nn.Module, Any], torch.Tensor]
-
-
-def _holds_bias(module: nn.Module) -> bool:
-    own_tensors = (name for name, _ in (*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)))
-    return BIAS_NAME in own_tensors
-
-
-def _deepseek_v3_topk_indices(router: nn.Module, output: Any) -> torch.Tensor:
-    indices = output[-1] if isinstance(output, tuple) and len(output) == 3 else None
-    if not (
-        isinstance(indices, torch.Tensor)
-        and indices.dim() == 2
-        and not indices.is_floating_point()
-        and not indices.is_complex()
-    ):
-        raise ValueError(
-            f"{type(router).__name__} holds `{BIAS_NAME}`, but its forward does not return "
-            "(router_logits, topk_weights, topk_indices) with integer topk_indices of shape (tokens, top_k). Tell "
-            "LossFreeBalancer how to read this router: register a `RouterAdapter` with `register_router_adapter`."
-        )
-    return indices
-
-
-DEEPSEEK_V3_ADAPTER = RouterAdapter(
-    name="deepseek_v3",
-    is_router=_holds_bias,
-    bias_location=lambda router: (router, BIAS_NAME),
-    topk_indices=_deepseek_v3_topk_indices,
-)
-_FAMILY_ADAPTERS: dict[str, RouterAdapter] = {}
-
-
-def register_router_adapter(adapter: RouterAdapter) -> None:
-    """Teach `LossFreeBalancer` a router family; family adapters are tried before the DeepSeek-V3 default."""
-    if not isinstance(adapter, RouterAdapter):
-        raise ValueError(f"adapter must be a RouterAdapter, got {type(adapter).__name__}.")
-    _FAMILY_ADAPTERS[adapter.name] = adapter
-
-
-@dataclass(frozen=True)
-class FoundRouter:
-    """A router found in a model: its qualified name, the module, the adapter that reads it, where its bias is."""
-
-    name: str
-    module: nn.Module
-    adapter: RouterAdapter
-    bias_owner: nn.Module
-    bias_attr: str
-
-
-def find_routers(model: nn.Module) -> list[FoundRouter]:
-    """Every router of `model` in module order (layer order), each with the adapter that reads it.
-
-    A module the default adapter would pick whose bias a family router already claims (e.g. a module that only
-    stores the bias for its router) is left out, so no bias is counted twice.
-    """
-    adapters = [*_FAMILY_ADAPTERS.values(), DEEPSEEK_V3_ADAPTER]
-    found = []
-    for name, module in model.named_modules():
-        adapter = next((adapter for adapter in adapters if adapter.is_router(module)), None)
-        if adapter is not None:
-            owner, attr = adapter.bias_location(module)
-            found.append(FoundRouter(name, module, adapter, owner, attr))
-    claimed = {(id(r.bias_owner), r.bias_attr) for r in found if r.adapter is not DEEPSEEK_V3_ADAPTER}
-    return [r for r in found if r.adapter is not DEEPSEEK_V3_ADAPTER or (id(r.module), BIAS_NAME) not in claimed]
-
-
-def maxvio(loads: torch.Tensor) -> torch.Tensor:
-    """MaxVio `(max_i load_i - mean load) / mean load` of each layer: `(L, E) -> (L,)` (or `(E,) -> ()`), fp64."""
-    if not isinstance(loads, torch.Tensor) or loads.dim() not in (1, 2) or loads.size(-1) == 0:
-        raise ValueError(f"loads must be a (layers, experts) or (experts,) tensor, got {loads!r}.")
-    loads = loads.detach()
-    if (loads.is_floating_point() and not torch.isfinite(loads).all()) or (loads < 0).any():
-        raise ValueError(f"loads must be finite and >= 0, got {loads}.")
-    loads = loads.double()
-    mean = loads.mean(dim=-1)
-    if (mean == 0).any():
-        raise ValueError("MaxVio is undefined for a layer that received no tokens (its loads sum to 0).")
-    return (loads.amax(dim=-1) - mean) / mean
 
 
 class _ExpertCounts:
@@ -224,9 +127,14 @@ class LoadMeasurement:
         return self._counts.stacked(self.balancer.device) if self._loads is None else self._loads.clone()
 
     @property
-    def maxvio_global(self) -> float:
-        """MaxVio of `loads`, averaged over layers (the paper's MaxVio_global over a validation set)."""
-        return maxvio(self.loads).mean().item()
+    def maxvio(self) -> MaxVio:
+        """MaxVio of `loads` per layer (numbered as `LossFreeBalancer.layers`); layers with no token are skipped."""
+        return maxvio(self.loads, self.balancer.layers)
+
+    @property
+    def maxvio_global(self) -> float | None:
+        """The paper's MaxVio_global: `maxvio` averaged over the layers that received tokens (None if none did)."""
+        return self.maxvio.mean
 
 
 _BALANCER_OF_ROUTER: "weakref.WeakKeyDictionary[nn.Module, LossFreeBalancer]" = weakref.WeakKeyDictionary()
@@ -270,7 +178,7 @@ class LossFreeBalancer:
     ...     model(**batch).loss.backward()
     ...     optimizer.step()
     ...     optimizer.zero_grad()
-    ...     stats = balancer.step()  # {"maxvio_batch": ..., "maxvio_batch/layer_0": ..., "bias_abs_max": ...}
+    ...     stats = balancer.step()  # {"maxvio_batch": ..., "maxvio_batch/layer_1": ..., "bias_abs_max": ...}
     ```
     """
 
@@ -289,7 +197,7 @@ class LossFreeBalancer:
         self.update_rate = _setting(update_rate, config, "bias_update_rate", DEFAULT_UPDATE_RATE)
         self.rule = _setting(rule, config, "bias_update_rule", DEFAULT_UPDATE_RULE)
         self.bias_type = _setting(bias_type, config, "bias_type", DEFAULT_BIAS_TYPE)
-        _check_settings(self.update_rate, self.rule, self.bias_type, center, frozen)
+        check_settings(self.update_rate, self.rule, self.bias_type, center, frozen)
         load_balancing = getattr(config, "load_balancing", "loss_free")
         if load_balancing != "loss_free" and (frozen is False or (update_rate is not None and update_rate > 0)):
             raise ValueError(
@@ -317,6 +225,7 @@ class LossFreeBalancer:
                 "Call `remove()` on the first one before attaching another."
             )
         self._routers = found
+        self._layers = layer_numbers([router.name for router in found])
         self._weight_slots = [_weight_slots(router) for router in found]
         self.num_experts = num_experts.pop()
         self._train_counts = _ExpertCounts(len(found), self.num_experts)
@@ -344,6 +253,11 @@ class LossFreeBalancer:
     def names(self) -> list[str]:
         """Qualified module names of `routers`."""
         return [r.name for r in self._routers]
+
+    @property
+    def layers(self) -> list[int]:
+        """The number of each router's layer in metrics (`maxvio_batch/layer_{i}`): its decoder-layer index."""
+        return list(self._layers)
 
     @property
     def device(self) -> torch.device:
@@ -386,9 +300,10 @@ class LossFreeBalancer:
         counted no token is left unchanged: nothing non-finite can reach a bias.
 
         Returns:
-            Plain floats: `maxvio_batch` (mean over layers that received tokens), `maxvio_batch/layer_{i}` (i indexes
-            `routers`), `bias_abs_max` and `bias_abs_mean` (distance from the neutral bias, 0 or 1), and
-            `bias_updated` (1.0 or 0.0). With no token counted since the last step there are no MaxVio entries, a
+            Plain floats: `maxvio_batch` (mean over layers that received tokens), `maxvio_batch/layer_{i}` (i is
+            the layer number of `layers`), `maxvio_batch/skipped_layers` (how many layers received no token, when
+            any did not), `bias_abs_max` and `bias_abs_mean` (distance from the neutral bias, 0 or 1), and
+            `bias_updated` (1.0 or 0.0). With no token counted since the last step there is no MaxVio entry, a
             warning says so, and no bias moves.
         """
         loads = self.loads  # (L, E)
@@ -397,13 +312,8 @@ class LossFreeBalancer:
         loads = loads.cpu()
         counted = loads.sum(dim=-1) > 0  # (L,)
         any_counted = bool(counted.any())
-        stats = {}
-        if any_counted:
-            per_layer = maxvio(loads[counted])
-            stats["maxvio_batch"] = per_layer.mean().item()
-            for layer, value in zip(counted.nonzero().flatten().tolist(), per_layer.tolist(), strict=True):
-                stats[f"maxvio_batch/layer_{layer}"] = value
-        else:
+        stats = maxvio(loads, self.layers).metrics("maxvio_batch")
+        if not any_counted:
             warnings.warn(
                 "LossFreeBalancer.step(): no token was counted since the last step, so no bias moved. Counting "
                 "needs training-mode forwards of the model the balancer is attached to.",
@@ -580,13 +490,14 @@ def _setting(value, config, field: str, default):
     return getattr(config, field, default)
 
 
-def _check_settings(update_rate, rule, bias_type, center, frozen):
+def check_settings(update_rate=None, rule=None, bias_type=None, center=False, frozen=None, process_group=None):
+    """Raise `ValueError` naming a bad balancer setting; None stands for "from the model's config" and passes."""
     is_number = isinstance(update_rate, (int, float)) and not isinstance(update_rate, bool)
-    if not (is_number and math.isfinite(update_rate) and update_rate >= 0):
+    if update_rate is not None and not (is_number and math.isfinite(update_rate) and update_rate >= 0):
         raise ValueError(f"update_rate must be a finite number >= 0 (the paper uses 1e-3), got {update_rate!r}.")
-    if rule not in UPDATE_RULES:
+    if rule is not None and rule not in UPDATE_RULES:
         raise ValueError(f"rule must be one of {UPDATE_RULES}, got {rule!r}.")
-    if bias_type not in BIAS_TYPES:
+    if bias_type is not None and bias_type not in BIAS_TYPES:
         raise ValueError(f"bias_type must be one of {BIAS_TYPES}, got {bias_type!r}.")
     if not isinstance(center, bool):
         raise ValueError(f"center must be True or False, got {center!r}.")
@@ -621,13 +532,4 @@ def _argument_position(model: nn.Module, name: str) -> int | None:
     return positional.index(name) if name in positional else None
 
 
-__all__ = [
-    "DEEPSEEK_V3_ADAPTER",
-    "LoadMeasurement",
-    "LossFreeBalancer",
-    "RouterAdapter",
-    "FoundRouter",
-    "find_routers",
-    "maxvio",
-    "register_router_adapter",
-]
+__all__ = ["LoadMeasurement", "LossFreeBalancer"]

@@ -6,16 +6,17 @@ logs and evaluation metrics. Reporting integrations (TensorBoard, trackio, W&B .
 so add the callback with `add_balancing_callback(trainer)`, which puts it ahead of them.
 """
 
-import inspect
 import warnings
 from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .balancing import LoadMeasurement, LossFreeBalancer, maxvio
+from .balancing import LoadMeasurement, LossFreeBalancer, check_settings
+from .load_metrics import maxvio
 
 
 if TYPE_CHECKING:
+    import torch.distributed as dist
     from transformers import Trainer
 
 
@@ -25,12 +26,14 @@ class LossFreeBalancingCallback(TrainerCallback):
     Training logs gain `maxvio_batch` and `maxvio_batch/layer_{i}` (averaged over the optimizer steps since the
     last log) and `bias_abs_max`, `bias_abs_mean` (at the last step). Evaluation metrics gain
     `{prefix}_maxvio_global` and `{prefix}_maxvio_global/layer_{i}` from the loads of the whole evaluation, summed
-    over ranks; `last_eval_loads` keeps those (routers, experts) loads. Any forward of the model in eval mode
-    between the last optimizer step and an evaluation's log counts toward that evaluation.
+    over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the decoder-layer index
+    (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in `.../skipped_layers`.
+    Any forward of the model in eval mode between the last optimizer step and an evaluation's log counts toward that
+    evaluation.
 
     Args:
-        **balancer_kwargs: Passed to `LossFreeBalancer` (`update_rate`, `rule`, `bias_type`, `center`, `frozen`,
-            `process_group`); unset settings come from the model's config.
+        update_rate, rule, bias_type, center, frozen, process_group: The `LossFreeBalancer` settings, checked here
+            and passed on; unset ones come from the model's config (see `LossFreeBalancer`).
 
     Example:
 
@@ -42,11 +45,24 @@ class LossFreeBalancingCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, **balancer_kwargs):
-        unknown = set(balancer_kwargs) - (set(inspect.signature(LossFreeBalancer).parameters) - {"model"})
-        if unknown:
-            raise ValueError(f"Unknown LossFreeBalancer arguments {sorted(unknown)}.")
-        self.balancer_kwargs = balancer_kwargs
+    def __init__(
+        self,
+        update_rate: float | None = None,
+        rule: str | None = None,
+        bias_type: str | None = None,
+        center: bool = False,
+        frozen: bool | None = None,
+        process_group: "dist.ProcessGroup | None" = None,
+    ):
+        self.balancer_kwargs = dict(
+            update_rate=update_rate,
+            rule=rule,
+            bias_type=bias_type,
+            center=center,
+            frozen=frozen,
+            process_group=process_group,
+        )
+        check_settings(**self.balancer_kwargs)
         self.balancer: LossFreeBalancer | None = None
         self._attached_to = None
         self.last_eval_loads = None
@@ -122,13 +138,8 @@ class LossFreeBalancingCallback(TrainerCallback):
         loads = self._eval_measurement.stop().loads
         self._eval_measurement = self.balancer.measure(eval_only=True).start()
         prefix = next((key[: -len("_runtime")] for key in metrics if key.endswith("_runtime")), "eval")
-        if not loads.sum(dim=-1).all():
-            return {}
         self.last_eval_loads = loads
-        per_layer = maxvio(loads)
-        added = {f"{prefix}_maxvio_global": per_layer.mean().item()}
-        added.update({f"{prefix}_maxvio_global/layer_{i}": value for i, value in enumerate(per_layer.tolist())})
-        return added
+        return maxvio(loads, self.balancer.layers).metrics(f"{prefix}_maxvio_global")
 
 
 def add_balancing_callback(trainer: "Trainer", callback: LossFreeBalancingCallback | None = None):

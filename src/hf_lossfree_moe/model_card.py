@@ -46,16 +46,18 @@ def final_metrics(log_history: list[dict]) -> dict:
     evaluation, summary = evaluations[-1], summaries[-1]
     if "eval_maxvio_global" not in evaluation:
         raise ValueError("The last evaluation has no 'eval_maxvio_global': was LossFreeBalancingCallback used?")
-    per_layer = sorted(
-        (int(key.rsplit("_", 1)[1]), value)
-        for key, value in evaluation.items()
-        if key.startswith("eval_maxvio_global/layer_")
+    per_layer = dict(
+        sorted(
+            (int(key.rsplit("_", 1)[1]), value)
+            for key, value in evaluation.items()
+            if key.startswith("eval_maxvio_global/layer_")
+        )
     )
     return {
         "eval_loss": evaluation["eval_loss"],
         "perplexity": math.exp(evaluation["eval_loss"]),
         "maxvio_global": evaluation["eval_maxvio_global"],
-        "maxvio_global_per_layer": [value for _, value in per_layer],
+        "maxvio_global_per_layer": per_layer,
         "train_loss": summary["train_loss"],
         "train_steps": summary["step"],
     }
@@ -107,9 +109,7 @@ def render_model_card(
             ),
         ],
     )
-    # MoE layer i is decoder layer first_k_dense_replace + i, the name the plots use.
-    per_layer = metrics.pop("maxvio_global_per_layer")
-    maxvio_rows = [(f"layer {config.first_k_dense_replace + i}", value) for i, value in enumerate(per_layer)]
+    maxvio_rows = [(f"layer {layer}", value) for layer, value in metrics.pop("maxvio_global_per_layer").items()]
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),

@@ -7,7 +7,6 @@ figures are built with `matplotlib.figure.Figure`, so no pyplot state or display
 """
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import LossFreeBalancingCallback
+from .routers import layer_numbers
 
 
 ROUTING_HISTORY_FILE = "routing_history.json"
@@ -86,10 +86,9 @@ class RoutingHistoryRecorder(TrainerCallback):
             self.history.save(checkpoint / ROUTING_HISTORY_FILE)
 
 
-def layer_label(router_name: str, index: int) -> str:
-    """ "layer 3" for a router inside `layers.3.`; "router {index}" when the name has no layer number."""
-    match = re.search(r"layers\.(\d+)\.", router_name)
-    return f"layer {match.group(1)}" if match else f"router {index}"
+def layer_labels(router_names: list[str]) -> list[str]:
+    """ "layer 3" for a router of `model.layers[3]`: the numbering of the balancer's metrics."""
+    return [f"layer {layer}" for layer in layer_numbers(router_names)]
 
 
 def plot_maxvio_batch(log_history: list[dict], router_names: list[str], path: str | Path) -> Path:
@@ -100,9 +99,9 @@ def plot_maxvio_batch(log_history: list[dict], router_names: list[str], path: st
     steps = [entry["step"] for entry in logs]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for index, name in enumerate(router_names):
-        key = f"maxvio_batch/layer_{index}"
-        ax.plot(steps, [entry.get(key, np.nan) for entry in logs], lw=1, alpha=0.6, label=layer_label(name, index))
+    for layer, label in zip(layer_numbers(router_names), layer_labels(router_names), strict=True):
+        key = f"maxvio_batch/layer_{layer}"
+        ax.plot(steps, [entry.get(key, np.nan) for entry in logs], lw=1, alpha=0.6, label=label)
     ax.plot(steps, [entry["maxvio_batch"] for entry in logs], color="black", lw=2.5, label="mean over layers")
     eval_maxvio = [entry["eval_maxvio_global"] for entry in log_history if "eval_maxvio_global" in entry]
     if eval_maxvio:
@@ -138,7 +137,7 @@ def plot_eval_load_heatmap(
         for (row, col), value in np.ndenumerate(relative):
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(num_experts))
-    ax.set_yticks(range(num_layers), [layer_label(name, i) for i, name in enumerate(router_names)])
+    ax.set_yticks(range(num_layers), layer_labels(router_names))
     ax.set(xlabel="routed expert", title=title)
     fig.colorbar(image, ax=ax, label="relative load")
     return _save(fig, path)
@@ -153,10 +152,10 @@ def plot_bias_trajectories(history: RoutingHistory, path: str | Path) -> Path:
     fig = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     expert_colors = ScalarMappable(norm=Normalize(0, num_experts - 1), cmap="viridis")
-    for index, ax in enumerate(axes[:num_layers]):
+    for index, (ax, label) in enumerate(zip(axes[:num_layers], layer_labels(history.router_names), strict=True)):
         for expert in range(num_experts):
             ax.plot(history.steps, biases[:, index, expert], lw=1, color=expert_colors.to_rgba(expert))
-        ax.set_title(layer_label(history.router_names[index], index))
+        ax.set_title(label)
         ax.grid(alpha=0.3)
     for ax in axes[num_layers:]:
         ax.set_visible(False)

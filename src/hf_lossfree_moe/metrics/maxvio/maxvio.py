@@ -2,7 +2,8 @@
 
 import datasets
 import evaluate
-import numpy as np
+
+from hf_lossfree_moe.load_metrics import maxvio
 
 
 _CITATION = """\
@@ -17,19 +18,21 @@ _CITATION = """\
 _DESCRIPTION = """\
 MaxVio = (max_i Load_i - mean Load) / mean Load, per MoE layer, averaged over layers. Load_i is the number of tokens
 routed to expert i: over one training step it gives MaxVio_batch, over a whole validation set MaxVio_global.
-0 means perfectly balanced; 1 means the busiest expert does twice the average work.
+0 means perfectly balanced; 1 means the busiest expert does twice the average work. A layer that received no token
+has no MaxVio: it is left out of the mean and listed in `skipped_layers`.
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
     loads (`list[list[float]]`): one row per MoE layer, the tokens each of its experts received.
 Returns:
-    maxvio (`float`): the mean over layers of (max load - mean load) / mean load.
-    maxvio_per_layer (`list[float]`): the value of each layer, in row order.
+    maxvio (`float` or `None`): the mean over the layers that received tokens (None if none did).
+    maxvio_per_layer (`list[float | None]`): the value of each layer, in row order (None for a skipped layer).
+    skipped_layers (`list[int]`): the rows that received no token.
 Examples:
     >>> maxvio = evaluate.load("path/to/maxvio")
     >>> maxvio.compute(loads=[[3, 1, 2, 2], [2, 2, 2, 2]])
-    {'maxvio': 0.25, 'maxvio_per_layer': [0.5, 0.0]}
+    {'maxvio': 0.25, 'maxvio_per_layer': [0.5, 0.0], 'skipped_layers': []}
 """
 
 
@@ -45,10 +48,12 @@ class Maxvio(evaluate.Metric):
         )
 
     def _compute(self, loads):
-        per_layer = []
-        for layer, row in enumerate(loads):
-            row = np.asarray(row, dtype=np.float64)  # (E,)
-            if row.size == 0 or not np.isfinite(row).all() or (row < 0).any() or row.sum() == 0:
-                raise ValueError(f"loads[{layer}] must be finite counts >= 0 with a positive sum, got {row.tolist()}.")
-            per_layer.append(float((row.max() - row.mean()) / row.mean()))
-        return {"maxvio": float(np.mean(per_layer)), "maxvio_per_layer": per_layer}
+        widths = {len(row) for row in loads}
+        if len(widths) != 1:
+            raise ValueError(f"loads must have one row per layer of equal width, got row widths {sorted(widths)}.")
+        result = maxvio(loads)
+        return {
+            "maxvio": result.mean,
+            "maxvio_per_layer": [result.per_layer.get(layer) for layer in range(len(loads))],
+            "skipped_layers": list(result.skipped),
+        }

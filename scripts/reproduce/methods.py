@@ -1,0 +1,111 @@
+"""The load-balancing methods of the replay and the comparisons (tables) that group them."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """A load-balancing setting: `config` overrides `LossFreeMoeConfig` fields of the shape every method shares.
+
+    `paper` quotes the paper's 1B-model validation perplexity / MaxVio_global where it reports them.
+    """
+
+    name: str
+    label: str
+    config: dict
+    paper: str = "—"
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        Method(
+            "aux_loss",
+            "Loss-Controlled (aux loss, α=1e-3)",
+            {"load_balancing": "aux_loss", "router_aux_loss_coef": 1e-3},
+            "9.56 / 0.72",
+        ),
+        Method("loss_free", "Loss-Free (u=1e-3, sign)", {"load_balancing": "loss_free"}, "9.50 / 0.04"),
+        Method("none", "No balancing", {"load_balancing": "none"}),
+        Method(
+            "loss_free_u1e-4",
+            "Loss-Free (u=1e-4, sign)",
+            {"load_balancing": "loss_free", "bias_update_rate": 1e-4},
+            "9.51 / —",
+        ),
+        Method(
+            "loss_free_u1e-2",
+            "Loss-Free (u=1e-2, sign)",
+            {"load_balancing": "loss_free", "bias_update_rate": 1e-2},
+            "9.51 / —",
+        ),
+        Method(
+            "loss_free_error",
+            "Loss-Free (u=1e-3, error rule)",
+            {"load_balancing": "loss_free", "bias_update_rule": "error"},
+            "9.51 / 0.036",
+        ),
+        Method(
+            "loss_free_multiplicative",
+            "Loss-Free (u=1e-3, multiplicative bias)",
+            {"load_balancing": "loss_free", "bias_type": "multiplicative"},
+            "9.52 / 0.036",
+        ),
+        Method(
+            "softmax_aux_loss",
+            "Softmax gate, aux loss (α=3e-4)",
+            {"scoring_func": "softmax", "load_balancing": "aux_loss", "router_aux_loss_coef": 3e-4},
+            "9.604 / 0.937",
+        ),
+        Method(
+            "softmax_loss_free",
+            "Softmax gate, Loss-Free (u=1e-3, sign)",
+            {"scoring_func": "softmax", "load_balancing": "loss_free"},
+            "9.599 / 0.027",
+        ),
+        Method(
+            "loss_free_seq_aux",
+            "Loss-Free + sequence-wise aux loss (α=1e-4, DeepSeek-V3)",
+            {"load_balancing": "loss_free", "router_aux_loss_coef": 1e-4},
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Methods shown in one table and one MaxVio_batch plot; `name` is how `--ablations` selects it."""
+
+    name: str
+    title: str
+    methods: tuple[str, ...]
+
+
+MAIN_COMPARISON = Comparison("main", "Main comparison (sigmoid gate)", ("aux_loss", "loss_free", "none"))
+ABLATIONS = {
+    comparison.name: comparison
+    for comparison in (
+        Comparison("update_rate", "Update rate u", ("loss_free_u1e-4", "loss_free", "loss_free_u1e-2")),
+        Comparison("rule", "Update rule: sign vs. error", ("loss_free", "loss_free_error")),
+        Comparison("bias_type", "Additive vs. multiplicative bias", ("loss_free", "loss_free_multiplicative")),
+        Comparison("softmax", "Softmax gate", ("softmax_aux_loss", "softmax_loss_free")),
+        Comparison("dsv3", "DeepSeek-V3 combination", ("loss_free", "loss_free_seq_aux")),
+    )
+}
+
+
+def select_comparisons(ablations: Sequence[str]) -> list[Comparison]:
+    """The main comparison followed by the named ablations (`"all"` selects every one); names may be comma-joined."""
+    names = list(dict.fromkeys(name for item in ablations for name in item.split(",") if name))
+    names = list(ABLATIONS) if names == ["all"] else names
+    unknown = [name for name in names if name not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"--ablations must be 'all' or names among {sorted(ABLATIONS)}, got {unknown}.")
+    return [MAIN_COMPARISON, *(ABLATIONS[name] for name in names)]
+
+
+def methods_of(comparisons: Sequence[Comparison]) -> list[Method]:
+    """Every method the comparisons need, once each, in order of first appearance."""
+    names = dict.fromkeys(name for comparison in comparisons for name in comparison.methods)
+    return [METHODS[name] for name in names]

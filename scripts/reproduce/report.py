@@ -1,0 +1,191 @@
+"""Reports of a replay: mean ± sample std over seeds, the Markdown table, the JSON file and the plots."""
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from hf_lossfree_moe.model_card import count_active_parameters
+from hf_lossfree_moe.plotting import plot_eval_load_heatmap
+
+from .methods import METHODS, Comparison, methods_of
+from .runs import FINAL_WINDOW_FRACTION, RunResult, Scale, build_model
+
+
+SUMMARY_METRICS = (
+    "val_perplexity",
+    "val_loss",
+    "maxvio_global",
+    "maxvio_global_train",
+    "final_maxvio_batch",
+    "wall_time_s",
+)
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    """{"mean", "std" (sample std, None for one value), "n"}."""
+    if not values:
+        raise ValueError("mean_std needs at least one value.")
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, dict]]:
+    """Per method (in order of first appearance) and metric: mean ± sample std over its seeds."""
+    by_method: dict[str, list[RunResult]] = {}
+    for result in results:
+        by_method.setdefault(result.method, []).append(result)
+    return {
+        method: {metric: mean_std([getattr(run, metric) for run in runs]) for metric in SUMMARY_METRICS}
+        for method, runs in by_method.items()
+    }
+
+
+def format_mean_std(stats: dict, digits: int) -> str:
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+TABLE_COLUMNS = (
+    ("Validation perplexity", "val_perplexity", 2),
+    ("MaxVio_global", "maxvio_global", 3),
+    ("MaxVio_global, training blocks", "maxvio_global_train", 3),
+    ("MaxVio_batch (final)", "final_maxvio_batch", 3),
+    ("Wall time (s)", "wall_time_s", 0),
+)
+
+
+def markdown_table(comparison: Comparison, summary: dict[str, dict[str, dict]]) -> str:
+    """One comparison in the paper's format, with the paper's 1B numbers alongside."""
+    header = ["Method", *(title for title, _, _ in TABLE_COLUMNS), "Paper, 1B: perplexity / MaxVio_global"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in comparison.methods:
+        method = METHODS[name]
+        cells = [format_mean_std(summary[name][metric], digits) for _, metric, digits in TABLE_COLUMNS]
+        lines.append("| " + " | ".join([method.label, *cells, method.paper]) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(comparisons: Sequence[Comparison], summary: dict[str, dict[str, dict]], settings: dict) -> str:
+    """The results page: the settings every run shared, then one table per comparison."""
+    seeds = settings["seeds"]
+    lines = [
+        "# Auxiliary-loss-free load balancing: small-scale replay",
+        "",
+        *(f"- {key.replace('_', ' ')}: {value}" for key, value in settings.items()),
+        "",
+        f"Each cell is the mean ± sample standard deviation over {len(seeds)} seed(s). Validation perplexity is the "
+        "language-model perplexity alone (no balance loss). MaxVio_global is measured on the whole validation split "
+        "(and, as a diagnostic, on as many training blocks), "
+        f"MaxVio_batch (final) averages the last {FINAL_WINDOW_FRACTION:.0%} of training steps; every MaxVio column is "
+        "a mean over MoE layers.",
+    ]
+    for comparison in comparisons:
+        lines += ["", f"## {comparison.title}", "", markdown_table(comparison, summary)]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: str | Path, settings: dict, scale: Scale, results: Sequence[RunResult], summary: dict) -> None:
+    """All numbers: the shared settings and scale, the per-method summary and every run (curves and loads too)."""
+    payload = {
+        "settings": settings,
+        "scale": asdict(scale),
+        "summary": summary,
+        "runs": [asdict(result) for result in results],
+    }
+    Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values, as long as the input: per-step MaxVio_batch is noisy."""
+    cumulative = [0.0]
+    for value in values:
+        cumulative.append(cumulative[-1] + value)
+    return [(cumulative[i + 1] - cumulative[max(0, i + 1 - window)]) / min(window, i + 1) for i in range(len(values))]
+
+
+def plot_maxvio_batch_by_method(comparison: Comparison, results: Sequence[RunResult], path: str | Path) -> Path:
+    """MaxVio_batch over training, one line per method (mean over seeds, the band spans the seeds): Figure 3."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name in comparison.methods:
+        curves = [run.maxvio_batch for run in results if run.method == name]
+        window = max(1, len(curves[0]) // 50)
+        smoothed = torch.tensor([moving_average(curve, window) for curve in curves])  # (seeds, steps)
+        steps = torch.arange(1, smoothed.size(1) + 1)
+        line = ax.plot(steps, smoothed.mean(dim=0), label=METHODS[name].label)[0]
+        if smoothed.size(0) > 1:
+            ax.fill_between(steps, smoothed.amin(dim=0), smoothed.amax(dim=0), color=line.get_color(), alpha=0.2)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set(
+        xlabel="training step",
+        ylabel=f"MaxVio_batch (moving average of {window} steps)",
+        title=f"MaxVio_batch during training: {comparison.title}",
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def describe_settings(scale: Scale, blocks: DatasetDict, vocab_size: int, data: str, seeds: Sequence[int]) -> dict:
+    """What every run shared, in words: the header of the results page and of the JSON."""
+    model = build_model(METHODS["loss_free"], scale, vocab_size, seed=0)
+    total = model.num_parameters()
+    active = count_active_parameters(model.config, total)
+    train_tokens = len(blocks["train"]) * scale.block_size
+    return {
+        "model": (
+            f"{scale.num_hidden_layers} layers (the first dense), hidden size {scale.hidden_size}, "
+            f"{scale.n_shared_experts} shared + {scale.n_routed_experts} routed experts of width "
+            f"{scale.moe_intermediate_size}, top-{scale.num_experts_per_tok}, sigmoid gate unless stated; "
+            f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token"
+        ),
+        "data": f"{data}; BPE vocabulary of {vocab_size} trained on the training split",
+        "training": (
+            f"{scale.max_steps} steps x {scale.batch_size} x {scale.block_size} tokens = "
+            f"{scale.max_steps * scale.tokens_per_step / 1e6:.2f}M tokens "
+            f"({scale.max_steps * scale.tokens_per_step / train_tokens:.2g} epochs of {train_tokens / 1e3:.0f}k), "
+            f"AdamW (lr {scale.learning_rate:g}, cosine, weight decay {scale.weight_decay:g}), "
+            "same initial weights and batch order for every method of a seed"
+        ),
+        "validation": f"{len(blocks['validation'])} blocks x {scale.block_size} tokens, the same for every run",
+        "seeds": list(seeds),
+    }
+
+
+def write_outputs(
+    output_dir: str | Path,
+    comparisons: Sequence[Comparison],
+    results: Sequence[RunResult],
+    settings: dict,
+    scale: Scale,
+) -> Path:
+    """results.md, results.json, maxvio_batch_<comparison>.png per comparison and expert_loads_<method>.png per
+    method (the validation loads of its first seed)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results)
+    (output_dir / "results.md").write_text(markdown_report(comparisons, summary, settings), encoding="utf-8")
+    write_json(output_dir / "results.json", settings, scale, results, summary)
+    for comparison in comparisons:
+        plot_maxvio_batch_by_method(comparison, results, output_dir / f"maxvio_batch_{comparison.name}.png")
+    for method in methods_of(comparisons):
+        first_run = next(run for run in results if run.method == method.name)
+        plot_eval_load_heatmap(
+            first_run.val_loads,
+            first_run.router_names,
+            output_dir / f"expert_loads_{method.name}.png",
+            title=f"{method.label}: validation load / mean load (seed {first_run.seed})",
+        )
+    return output_dir

@@ -1,0 +1,148 @@
+"""How `LossFreeBalancer` finds the routers of a model and reads what they chose.
+
+Routers are found by behaviour, not by class: by default a module holding `e_score_correction_bias` whose forward
+returns `(router_logits, topk_weights, topk_indices)`, the contract of transformers' DeepSeek-V3 router. Families with
+another layout (see families.py) plug in a `RouterAdapter`. Discovery is a pure function of the model: no state is
+kept between calls.
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+BIAS_NAME = "e_score_correction_bias"
+
+
+@dataclass(frozen=True)
+class RouterLocation:
+    """A router and where its correction bias lives: `getattr(bias_owner, bias_attr)`, one entry per expert."""
+
+    router: nn.Module
+    bias_owner: nn.Module
+    bias_attr: str
+
+
+@dataclass(frozen=True)
+class RouterAdapter:
+    """How the balancer reads one family of routers.
+
+    Attributes:
+        name: The family's name, shown in errors; registering a second adapter with the same name replaces the first.
+        locate: Given any module of the model, the `RouterLocation` it makes known, or None. The located router is
+            the module whose forward output holds the top-K expert indices; it may be the module itself or a child
+            (e.g. a block that holds the bias and hands it to its `gate`).
+        topk_indices: The `(T, K)` integer expert indices, read from the router's forward output.
+    """
+
+    name: str
+    locate: Callable[[nn.Module], RouterLocation | None]
+    topk_indices: Callable[[nn.Module, Any], torch.Tensor]
+
+
+def holds_bias(module: nn.Module) -> bool:
+    """Whether `module` itself (not a child) has an `e_score_correction_bias` buffer or parameter."""
+    own_tensors = (name for name, _ in (*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)))
+    return BIAS_NAME in own_tensors
+
+
+def deepseek_v3_topk_indices(router: nn.Module, output: Any) -> torch.Tensor:
+    """The (T, K) indices of a `(router_logits, topk_weights, topk_indices)` output."""
+    indices = output[-1] if isinstance(output, tuple) and len(output) == 3 else None
+    if not (
+        isinstance(indices, torch.Tensor)
+        and indices.dim() == 2
+        and not indices.is_floating_point()
+        and not indices.is_complex()
+    ):
+        raise ValueError(
+            f"{type(router).__name__} holds `{BIAS_NAME}`, but its forward does not return "
+            "(router_logits, topk_weights, topk_indices) with integer topk_indices of shape (tokens, top_k). Tell "
+            "LossFreeBalancer how to read this router: register a `RouterAdapter` with `register_router_adapter`."
+        )
+    return indices
+
+
+DEEPSEEK_V3_ADAPTER = RouterAdapter(
+    name="deepseek_v3",
+    locate=lambda module: RouterLocation(module, module, BIAS_NAME) if holds_bias(module) else None,
+    topk_indices=deepseek_v3_topk_indices,
+)
+_FAMILY_ADAPTERS: dict[str, RouterAdapter] = {}
+
+
+def register_router_adapter(adapter: RouterAdapter) -> None:
+    """Teach `LossFreeBalancer` a router family; family adapters are tried before the DeepSeek-V3 default."""
+    if not isinstance(adapter, RouterAdapter):
+        raise ValueError(f"adapter must be a RouterAdapter, got {type(adapter).__name__}.")
+    _FAMILY_ADAPTERS[adapter.name] = adapter
+
+
+@dataclass(frozen=True)
+class FoundRouter:
+    """A router found in a model: its qualified name, the module, the adapter that reads it, where its bias is."""
+
+    name: str
+    module: nn.Module
+    adapter: RouterAdapter
+    bias_owner: nn.Module
+    bias_attr: str
+
+
+def find_routers(model: nn.Module) -> list[FoundRouter]:
+    """Every router of `model` in module order (layer order), each with the adapter that reads it.
+
+    A bias that a family adapter claims is not also read by the DeepSeek-V3 default (e.g. a module that only stores
+    the bias for its router), so no bias is counted twice.
+    """
+    adapters = [*_FAMILY_ADAPTERS.values(), DEEPSEEK_V3_ADAPTER]
+    names = {module: name for name, module in model.named_modules()}
+    located = []
+    for module in names:
+        for adapter in adapters:
+            location = adapter.locate(module)
+            if location is not None:
+                located.append((adapter, location))
+                break
+    claimed = {
+        (location.bias_owner, location.bias_attr)
+        for adapter, location in located
+        if adapter is not DEEPSEEK_V3_ADAPTER
+    }
+    found = [
+        FoundRouter(names[loc.router], loc.router, adapter, loc.bias_owner, loc.bias_attr)
+        for adapter, loc in located
+        if adapter is not DEEPSEEK_V3_ADAPTER or (loc.bias_owner, loc.bias_attr) not in claimed
+    ]
+    order = {module: position for position, module in enumerate(names)}
+    return sorted(found, key=lambda router: order[router.module])
+
+
+def layer_numbers(router_names: list[str]) -> list[int]:
+    """Each router's decoder-layer index, read from `layers.{i}.` in its name: `model.layers[i]` is what users see.
+
+    Where a name has no such index, or two routers share one (e.g. separate text and vision experts in one layer),
+    the routers are numbered by position instead, 0, 1, ..., so that every number names one router.
+    """
+    matches = [re.search(r"(?:^|\.)layers\.(\d+)\.", name) for name in router_names]
+    numbers = [int(match.group(1)) if match else None for match in matches]
+    if None in numbers or len(set(numbers)) != len(numbers):
+        return list(range(len(router_names)))
+    return numbers
+
+
+__all__ = [
+    "BIAS_NAME",
+    "DEEPSEEK_V3_ADAPTER",
+    "FoundRouter",
+    "RouterAdapter",
+    "RouterLocation",
+    "find_routers",
+    "holds_bias",
+    "layer_numbers",
+    "register_router_adapter",
+]
