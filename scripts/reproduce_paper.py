@@ -17,9 +17,17 @@ from dataclasses import dataclass, field, fields, make_dataclass, replace
 from transformers import HfArgumentParser
 
 from hf_lossfree_moe.data import TextDataArguments
-from reproduce.methods import ABLATIONS, methods_of, select_comparisons
-from reproduce.report import describe_settings, write_outputs
-from reproduce.runs import DEFAULT_SCALE, DEVICES, QUICK_SCALE, Scale, plan_execution, prepare_blocks, replay
+from hf_lossfree_moe_scripts.reproduce.methods import ABLATIONS, methods_of, select_comparisons
+from hf_lossfree_moe_scripts.reproduce.report import describe_settings, write_outputs
+from hf_lossfree_moe_scripts.reproduce.runs import (
+    DEFAULT_SCALE,
+    DEVICES,
+    QUICK_SCALE,
+    Scale,
+    plan_execution,
+    prepare_blocks,
+    replay,
+)
 
 
 @dataclass

@@ -7,9 +7,21 @@ import pytest
 import torch
 
 from hf_lossfree_moe import LossFreeBalancer, maxvio
-from reproduce.methods import ABLATIONS, MAIN_COMPARISON, METHODS, methods_of, select_comparisons
-from reproduce.report import markdown_report, markdown_table, moving_average, summarize, write_json
-from reproduce.runs import (
+from hf_lossfree_moe_scripts.reproduce.methods import (
+    ABLATIONS,
+    MAIN_COMPARISON,
+    METHODS,
+    methods_of,
+    select_comparisons,
+)
+from hf_lossfree_moe_scripts.reproduce.report import (
+    markdown_report,
+    markdown_table,
+    moving_average,
+    summarize,
+    write_json,
+)
+from hf_lossfree_moe_scripts.reproduce.runs import (
     Execution,
     RunResult,
     Scale,
