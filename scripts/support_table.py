@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the README's table of transformers MoE families that `LossFreeBalancer` supports.
+"""Write docs/support_table.md, the table of transformers MoE families that `LossFreeBalancer` supports.
 
 Every family of the installed transformers whose modeling code has an `e_score_correction_bias` is built tiny on
 CPU (`build_tiny_model`), then checked the way tests/test_families.py checks it: one training forward with padding
