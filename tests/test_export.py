@@ -277,3 +277,48 @@ def test_stock_glm4_moe_export_keeps_balancing_with_lossfree_balancer(exported):
         expected = before + 1e-3 * (loads.mean(dim=-1, keepdim=True) - loads).sign().float()
         torch.testing.assert_close(balancer.biases(), expected, rtol=0, atol=0)
     assert not torch.equal(balancer.biases(), start)
+
+
+@pytest.fixture(scope="module")
+def export_script(load_script):
+    return load_script("export")
+
+
+class RecordingHfApi:
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs["folder_path"]))
+
+
+def test_script_exports_and_pushes_the_folder(export_script, tmp_path, tiny_config, monkeypatch, capsys):
+    LossFreeMoeForCausalLM(tiny_config()).save_pretrained(tmp_path / "saved")
+    monkeypatch.setattr(export_script, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(RecordingHfApi, "calls", [])
+    output_dir = tmp_path / "out"
+    arguments = ["--model", str(tmp_path / "saved"), "--output_dir", str(output_dir)]
+    export_script.main(arguments + ["--push_to_hub", "--hub_model_id", "someone/tiny-glm4_moe"])
+    assert json.loads((output_dir / "config.json").read_text())["model_type"] == "glm4_moe"
+    assert "vllm serve someone/tiny-glm4_moe" in (output_dir / "README.md").read_text()
+    assert RecordingHfApi.calls == [
+        ("create_repo", "someone/tiny-glm4_moe", {"private": False, "exist_ok": True}),
+        ("upload_folder", "someone/tiny-glm4_moe", output_dir),
+    ]
+    assert "Pushed to https://huggingface.co/someone/tiny-glm4_moe" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--push_to_hub"], r"^error: --push_to_hub needs --hub_model_id"),
+        ([], r"^error: Cannot export to glm4_moe: LossFreeMoeConfig.scoring_func must be 'sigmoid'"),
+    ],
+)
+def test_script_errors_are_one_line_and_write_nothing(export_script, tmp_path, tiny_config, arguments, message):
+    LossFreeMoeForCausalLM(tiny_config(scoring_func="softmax")).save_pretrained(tmp_path / "saved")
+    with pytest.raises(SystemExit, match=message):
+        export_script.main(["--model", str(tmp_path / "saved"), "--output_dir", str(tmp_path / "out"), *arguments])
+    assert not (tmp_path / "out").exists()
