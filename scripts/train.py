@@ -38,8 +38,9 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_lossfree_moe import LossFreeMoeConfig, add_balancing_callback
+from hf_lossfree_moe import LossFreeMoeConfig, add_balancing_callback, export_to_glm4_moe
 from hf_lossfree_moe.data import TextDataArguments, TextDatasets, tokenize_and_group, train_bpe_tokenizer
+from hf_lossfree_moe.export import check_glm4_moe_compatible
 from hf_lossfree_moe.model_card import render_model_card
 from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, RoutingHistory, RoutingHistoryRecorder, draw_run_plots
 
@@ -129,6 +130,13 @@ class ModelArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Train into --output_dir even when it holds a different model (same model: always)."},
+    )
+    export_glm4_moe: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end, also save a stock GLM-4.5 (glm4_moe) copy in <output_dir>-glm4_moe: it loads without "
+            "trust_remote_code and serves with vLLM and SGLang."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets go."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
@@ -300,6 +308,8 @@ def load_tokenizer(
 def prepare(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Job:
     """Check every input and build model and data; any bad input raises `ValueError` before training starts."""
     config = build_config(model_args)
+    if model_args.export_glm4_moe:
+        check_glm4_moe_compatible(config)
     block_size = resolve_block_size(data_args.block_size, config)
     checkpoint = training_args.resume_from_checkpoint
     check_checkpoint(checkpoint)
@@ -372,6 +382,15 @@ def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training
         package(trainer, recorder.history, job, model_args, data_args, metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub()
+    if model_args.export_glm4_moe and training_args.should_save:
+        output_dir = Path(training_args.output_dir).resolve()
+        export_dir = export_to_glm4_moe(
+            job.model,
+            output_dir.with_name(f"{output_dir.name}-glm4_moe"),
+            tokenizer=job.tokenizer,
+            original=trainer.hub_model_id if training_args.push_to_hub else str(output_dir),
+        )
+        print(f"Stock glm4_moe copy: {export_dir}  (loads without trust_remote_code; serve it as GLM-4.5)")
     return metrics
 
 

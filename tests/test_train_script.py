@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_lossfree_moe import LossFreeMoeConfig
 
@@ -60,9 +62,10 @@ def train_script(load_script):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The script, run as a user runs it, for 4 steps on the embedded corpus."""
+    """The script, run as a user runs it, for 4 steps on the embedded corpus, exporting a glm4_moe copy at the end."""
     output_dir = tmp_path_factory.mktemp("run") / "model"
-    command = [sys.executable, str(SCRIPT), "--output_dir", str(output_dir), "--max_steps", "4", *FAST_RUN]
+    command = [sys.executable, str(SCRIPT), "--output_dir", str(output_dir), "--max_steps", "4", "--export_glm4_moe"]
+    command += FAST_RUN
     result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir, result.stdout
@@ -122,6 +125,21 @@ def test_folder_loads_and_generates_without_the_package(trained):
     module, generated = result.stdout.strip().splitlines()[-2:]
     assert module.startswith("transformers_modules.")  # the copied code, not hf_lossfree_moe
     assert generated.startswith("8 'The for statement")
+
+
+def test_export_glm4_moe_leaves_a_stock_copy_with_the_same_logits(trained):
+    output_dir, stdout = trained
+    export_dir = output_dir.with_name("model-glm4_moe")
+    assert f"Stock glm4_moe copy: {export_dir}" in stdout
+    assert json.loads((export_dir / "config.json").read_text())["model_type"] == "glm4_moe"
+    assert ModelCard.load(export_dir / "README.md").text.count(f"`{output_dir}`") == 1  # links the original
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    inputs = tokenizer("The for statement", return_tensors="pt")
+    original = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    stock = AutoModelForCausalLM.from_pretrained(export_dir).eval()
+    assert type(stock).__name__ == "Glm4MoeForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**inputs).logits, original(**inputs).logits, rtol=0, atol=1e-5)
 
 
 def test_run_resumes_from_its_last_checkpoint_and_keeps_the_history(trained, train_script, tmp_path, one_thread):
@@ -186,6 +204,7 @@ def small_csv(tmp_path):
         (["--config_overrides", "hidden_size=4"], "--config_overrides must be a JSON object"),
         (["--resume_from_checkpoint", "nowhere"], "no such checkpoint folder: nowhere"),
         (["--model_name_or_path", "."] + ["--config_overrides", "{}"], "with --model_name_or_path only the balancing"),
+        (["--export_glm4_moe", "--bias_type", "multiplicative"], r"LossFreeMoeConfig.bias_type must be 'additive'"),
     ],
 )
 def test_bad_arguments_stop_before_training(train_script, tmp_path, arguments, message):

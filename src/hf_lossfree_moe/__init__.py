@@ -10,6 +10,7 @@ from . import families  # noqa: F401  (registers router adapters for transformer
 from .balancing import LoadMeasurement, LossFreeBalancer
 from .callbacks import LossFreeBalancingCallback, add_balancing_callback
 from .configuration_lossfree_moe import LossFreeMoeConfig
+from .export import export_to_glm4_moe
 from .load_metrics import MaxVio, maxvio
 from .metrics import MAXVIO_METRIC_PATH
 from .modeling_lossfree_moe import (
@@ -42,6 +43,7 @@ __all__ = [
     "RouterAdapter",
     "RouterLocation",
     "add_balancing_callback",
+    "export_to_glm4_moe",
     "maxvio",
     "register_router_adapter",
     "LossFreeMoeConfig",

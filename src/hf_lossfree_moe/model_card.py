@@ -1,4 +1,5 @@
-"""The README.md model card of a trained LossFreeMoe: Hub metadata plus a Jinja template from `model_cards/`.
+"""README.md model cards, of a trained LossFreeMoe and of its stock `glm4_moe` export: Hub metadata plus a Jinja
+template from `model_cards/`.
 
 Metrics come from the Trainer's `log_history`, so the card states exactly what the run logged. Rendering goes
 through `huggingface_hub.ModelCard.from_template`, which writes the YAML header (license, tags, `library_name`,
@@ -10,6 +11,7 @@ import os
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .configuration_lossfree_moe import LossFreeMoeConfig
 from .plotting import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
@@ -17,8 +19,10 @@ from .plotting import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
 
 # The template lives in the repository next to `src/`: model cards are written by the scripts of a checkout.
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "lossfree_moe.md"
+GLM4_MOE_TEMPLATE = DEFAULT_TEMPLATE.with_name("glm4_moe_export.md")
 LICENSE = "apache-2.0"
 TAGS = ["mixture-of-experts", "moe", "loss-free-balancing", "deepseek-moe", "custom_code"]
+GLM4_MOE_TAGS = ["glm4_moe", "mixture-of-experts", "moe", "loss-free-balancing"]
 PAPER = "arxiv:2408.15664"
 
 
@@ -128,3 +132,50 @@ def render_model_card(
         maxvio_rows=maxvio_rows,
         **metrics,
     )
+
+
+def render_glm4_moe_card(
+    config: LossFreeMoeConfig,
+    *,
+    model_name: str,
+    repo_id: str,
+    original: str | None,
+    template_path: str | os.PathLike = GLM4_MOE_TEMPLATE,
+) -> ModelCard:
+    """The card of a stock `glm4_moe` export of a LossFreeMoe: what it is, where it came from, how to run it.
+
+    `original` (a Hub id, URL or folder) is named in the text, linked when it is a Hub id or URL, and a Hub id also
+    becomes the `base_model` metadata.
+    """
+    original_url = hub_url(original)
+    is_hub_id = original_url is not None and not original.startswith(("http://", "https://"))
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=LICENSE,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=GLM4_MOE_TAGS + [PAPER],
+        base_model=original if is_hub_id else None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        repo_id=repo_id,
+        config=config,
+        original=original,
+        original_url=original_url,
+    )
+
+
+def hub_url(name: str | None) -> str | None:
+    """The web address of `name`: itself for a URL, the Hub page for a Hub id, None for a local folder or None."""
+    if name is None or os.path.exists(name):
+        return None
+    if name.startswith(("http://", "https://")):
+        return name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return f"https://huggingface.co/{name}"
