@@ -5,7 +5,8 @@ Settings without a `distributed_config`, each with rank-local counts summed by `
 forward) and a plain loop over a model sharded with FSDP2's `fully_shard`. Then the saved tiny model loaded with
 `from_pretrained(..., distributed_config=DistributedConfig(...))` in each of transformers' layouts: one measured
 forward and one training step, a Trainer run, and forwards under expert parallelism with each experts kernel.
-Results go to `<out_dir>/rank<r>.json`; the model is read from `<out_dir>/model`.
+Results go to `<out_dir>/rank<r>.json`; the models are read from `<out_dir>/model` and, with two leading dense layers,
+`<out_dir>/model_two_dense_layers`.
 """
 
 import json
@@ -20,7 +21,13 @@ from transformers import Trainer, TrainingArguments
 from transformers.distributed import DistributedConfig
 
 from conftest import TINY
-from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, add_balancing_callback
+from hf_lossfree_moe import (
+    LossFreeBalancer,
+    LossFreeMoeConfig,
+    LossFreeMoeForCausalLM,
+    add_balancing_callback,
+    maxvio,
+)
 from test_callbacks import collate, make_trainer, padded_examples
 
 
@@ -165,12 +172,27 @@ def pipeline(model_dir: Path) -> dict:
             model(input_ids=input_ids, attention_mask=attention_mask)
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
     balancer.step()
+    # The whole model's MaxVio, as docs/multi_gpu.md computes it: every stage's loads gathered by layer number.
+    stages = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, dict(zip(balancer.layers, measurement.loads.tolist(), strict=True)))
+    model_loads = {layer: loads for stage in stages for layer, loads in stage.items()}
     return {
         "layers": balancer.layers,
         "loads": measurement.loads.tolist(),
         "biases": balancer.biases().tolist(),
+        "model_maxvio": maxvio(list(model_loads.values()), list(model_loads)).mean,
         "loss": None if output.get("loss") is None else output.loss.item(),
     }
+
+
+def pipeline_stage_without_router(model_dir: Path) -> str | None:
+    """The error building a balancer raises when the first of two stages holds only dense layers."""
+    model = load(model_dir, dict(pp_size=2))
+    try:
+        LossFreeBalancer(model)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def trainer_run(model_dir: Path, layout: dict, out_dir: Path) -> dict:
@@ -224,6 +246,7 @@ def main(out_dir: Path):
     model_dir = out_dir / "model"
     results["layouts"] = {name: measured_training_step(model_dir, layout, rank) for name, layout in LAYOUTS.items()}
     results["pipeline"] = pipeline(model_dir)
+    results["pipeline_stage_without_router"] = pipeline_stage_without_router(out_dir / "model_two_dense_layers")
     results["experts_kernels"] = experts_kernels_under_ep(model_dir)
     results["trainer_layouts"] = {
         name: trainer_run(model_dir, LAYOUTS[name], out_dir / f"trainer_{name}") for name in ("fsdp", "ep_fsdp")

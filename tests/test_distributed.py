@@ -11,8 +11,15 @@ import pytest
 import torch
 from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
+from conftest import TINY
 from distributed_scenarios import LAYOUTS, LENGTHS, TRAINER_STEPS, global_batch, make_model
-from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, add_balancing_callback
+from hf_lossfree_moe import (
+    LossFreeBalancer,
+    LossFreeMoeConfig,
+    LossFreeMoeForCausalLM,
+    add_balancing_callback,
+    maxvio,
+)
 from hf_lossfree_moe.process_groups import counting_group
 from test_callbacks import make_trainer, padded_examples
 
@@ -33,6 +40,9 @@ def ranks(tmp_path_factory):
     """What each of the two ranks ended with, one run for all tests of this module."""
     out_dir = tmp_path_factory.mktemp("dist")
     make_model().save_pretrained(out_dir / "model")
+    LossFreeMoeForCausalLM(LossFreeMoeConfig(**{**TINY, "first_k_dense_replace": 2})).save_pretrained(
+        out_dir / "model_two_dense_layers"
+    )
     script = Path(__file__).parent / "distributed_scenarios.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     process = subprocess.run(
@@ -203,6 +213,14 @@ def test_each_pipeline_stage_measures_and_updates_its_own_routers(ranks, single_
         assert result["layers"] == [stage + 1]
         assert torch.equal(torch.tensor(result["loads"]), single_process_step.loads[stage : stage + 1])
         torch.testing.assert_close(torch.tensor(result["biases"]), single_process_step.biases[stage : stage + 1])
+        # gathered from both stages, the loads of the whole model give its MaxVio
+        assert result["model_maxvio"] == pytest.approx(maxvio(single_process_step.loads).mean)
+
+
+def test_a_pipeline_stage_without_router_is_refused_on_every_rank(ranks):
+    """Layers 0 and 1 dense on stage 0, MoE layer 2 on stage 1: both ranks raise instead of one waiting forever."""
+    for rank in ranks:
+        assert "stage(s) at rank(s) [0]" in rank["pipeline_stage_without_router"]
 
 
 @pytest.mark.xfail(
