@@ -32,7 +32,7 @@ from test_callbacks import collate, make_trainer, padded_examples
 
 
 LENGTHS = [12, 5, 9, 3]  # real tokens of the global batch's rows; rank r routes rows 2r and 2r + 1
-# The layouts of `DistributedConfig` on two processes, by name; "dp" ranks route different rows, "tp" ranks the same.
+# `DistributedConfig` layouts of two processes: data-parallel ranks route different rows, tensor-parallel ones the same.
 LAYOUTS = {
     "tp": dict(tp_size=2),
     "fsdp": dict(fsdp_size=2),
@@ -135,27 +135,31 @@ def layout_rows(layout: dict, rank: int) -> slice:
     return rank_rows(rank) if DistributedConfig(**layout).dp_size > 1 else slice(None)
 
 
+def measured_loads(balancer: LossFreeBalancer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+    with torch.no_grad(), balancer.measure() as measurement:
+        balancer.model(input_ids=input_ids, attention_mask=attention_mask)
+    return measurement.loads.tolist()
+
+
 def measured_training_step(model_dir: Path, layout: dict, rank: int) -> dict:
     """On this rank's rows of the global batch: the loads of a measured forward, summed over the whole world and over
     the balancer's default group, then one training step and `step()`."""
     model = load(model_dir, layout)
     input_ids, attention_mask = global_batch()
     rows = layout_rows(layout, rank)
-    loads = {}
-    for name, process_group in (("loads_summed_over_world", dist.group.WORLD), ("loads", None)):
-        balancer = LossFreeBalancer(model, process_group=process_group)
-        with torch.no_grad(), balancer.measure() as measurement:
-            model(input_ids=input_ids[rows], attention_mask=attention_mask[rows])
-        loads[name] = measurement.loads.tolist()
-        if process_group is not None:
-            balancer.remove()
+    over_world = LossFreeBalancer(model, process_group=dist.group.WORLD)
+    loads_summed_over_world = measured_loads(over_world, input_ids[rows], attention_mask[rows])
+    over_world.remove()
+    balancer = LossFreeBalancer(model)
+    loads = measured_loads(balancer, input_ids[rows], attention_mask[rows])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     loss = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], labels=input_ids[rows]).loss
     loss.backward()
     optimizer.step()
     balancer.step()
     return {
-        **loads,
+        "loads": loads,
+        "loads_summed_over_world": loads_summed_over_world,
         "loss": loss.item(),
         "biases": balancer.biases().tolist(),
         "group_size": dist.get_world_size(balancer.process_group),
