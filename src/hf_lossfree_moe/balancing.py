@@ -21,6 +21,7 @@ from torch import nn
 
 from .configuration_lossfree_moe import BiasType, BiasUpdateRule
 from .load_metrics import MaxVio, maxvio
+from .process_groups import LoadSum
 from .routers import BIAS_NAME, FoundRouter, find_routers, layer_numbers
 
 
@@ -166,7 +167,9 @@ class LossFreeBalancer:
         frozen (`bool`, *optional*): `True` keeps every bias fixed while still measuring loads. `None` (default)
             keeps fixed the bias of any router whose own weights are all frozen (`requires_grad=False`), so freezing
             a router freezes its routing. `False` updates every bias.
-        process_group (*optional*): The data-parallel group the counts are summed over; default: the whole world.
+        process_group (*optional*): The group the counts are summed over. Default: for a model loaded with
+            `from_pretrained(..., distributed_config=...)`, its data-parallel ranks and pipeline stages (tensor- and
+            expert-parallel ranks route the same tokens and are not summed twice); otherwise the whole world.
 
     Models whose config says `load_balancing="aux_loss"` or `"none"` are only measured: their biases stay fixed.
 
@@ -207,9 +210,11 @@ class LossFreeBalancer:
         self.model = model
         self.center = center
         self.frozen = True if load_balancing != "loss_free" else frozen
-        self.process_group = process_group
 
         found = find_routers(model)
+        # Before any check that may fail on one pipeline stage only: this is a collective there.
+        self._load_sum = LoadSum(model, layer_numbers([router.name for router in found]), process_group)
+        self.process_group = self._load_sum.group
         if not found:
             raise ValueError(
                 f"{type(model).__name__} has no router: no module holds `{BIAS_NAME}`. LossFreeBalancer needs biased "
@@ -436,8 +441,7 @@ class LossFreeBalancer:
             self._measurements.remove(measurement)
 
     def _all_reduce(self, loads: torch.Tensor):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            dist.all_reduce(loads, op=dist.ReduceOp.SUM, group=self.process_group)
+        self._load_sum.all_reduce_(loads)
 
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict):
         mask = kwargs.get("attention_mask")
