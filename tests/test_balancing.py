@@ -414,10 +414,13 @@ def test_generation_never_counts_toward_step(model, mode, grad):
     assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 8] * 2
 
 
-def test_generation_of_a_deep_copy_runs_the_copy(model):
-    """Reference models are deep copies: the copy's generate() must decode with the copy's weights."""
+def test_a_deep_copy_of_the_model_is_not_watched(model):
+    """Reference models are deep copies: their forwards must not count, their generate() must decode with the copy."""
     balancer = LossFreeBalancer(model)
-    clone = copy.deepcopy(model).eval()
+    clone = copy.deepcopy(model).train()
+    clone(torch.randint(3, 128, (2, 6)))
+    assert balancer.loads.sum() == 0
+    clone.eval()
     with torch.no_grad():
         clone.lm_head.weight.zero_()  # every logit 0: greedy decoding picks token 0
     prompt = torch.randint(3, 128, (1, 4))

@@ -256,7 +256,9 @@ class LossFreeBalancer:
             model.register_forward_pre_hook(self._capture_mask, with_kwargs=True),
             model.register_forward_hook(self._release_mask, always_call=True),
             *(
-                r.module.register_forward_hook(lambda module, args, output, index=index: self._count(index, output))
+                r.module.register_forward_hook(
+                    lambda module, args, output, index=index: self._count(index, module, output)
+                )
                 for index, r in enumerate(found)
             ),
         ]
@@ -482,6 +484,8 @@ class LossFreeBalancer:
             dist.all_reduce(loads, op=dist.ReduceOp.SUM, group=self.process_group)
 
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict):
+        if module is not self.model:
+            return  # a deep copy of the model (e.g. a reference model) carries the hooks; they ignore it
         mask = self._argument("attention_mask", args, kwargs)
         if isinstance(mask, torch.Tensor) and mask.dim() != 2:
             warnings.warn(
@@ -520,7 +524,7 @@ class LossFreeBalancer:
         return 1 - trailing
 
     def _release_mask(self, module: nn.Module, args: tuple, output: Any):
-        if self._masks:
+        if module is self.model and self._masks:
             self._masks.pop()
 
     def _token_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
@@ -538,8 +542,10 @@ class LossFreeBalancer:
         # With a cache the mask covers past tokens too; the routers see only the last `tokens_per_row` columns.
         return (mask[:, mask_length - tokens_per_row :] != 0).reshape(-1).to(device=device, dtype=torch.int64)
 
-    def _count(self, index: int, output: Any):
+    def _count(self, index: int, module: nn.Module, output: Any):
         router = self._routers[index]
+        if module is not router.module:
+            return  # the router of a deep copy of the model
         topk_indices = router.adapter.topk_indices(router.module, output)  # (T, K)
         if torch._C._current_graph_task_id() != -1:
             return  # inside backward: activation-checkpoint recomputation of a forward already counted
