@@ -1,4 +1,5 @@
 import copy
+import threading
 import warnings
 
 import evaluate
@@ -412,6 +413,23 @@ def test_generation_never_counts_toward_step(model, mode, grad):
         model.train()
         model(input_ids=input_ids, attention_mask=attention_mask)  # a training forward right after counts as ever
     assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 8] * 2
+
+
+def test_generate_batch_counts_nothing_even_from_its_worker_thread():
+    """Continuous batching decodes in a worker thread while `generate_batch` waits for it."""
+
+    class BatchGenerating(ToyModel):
+        def generate_batch(self, num_forwards):
+            worker = threading.Thread(target=lambda: [self() for _ in range(num_forwards)])
+            worker.start()
+            worker.join()
+
+    model = BatchGenerating(ToyRouter(torch.rand(6, 4), top_k=2)).train()
+    balancer = LossFreeBalancer(model)
+    model.generate_batch(3)
+    assert balancer.loads.sum() == 0
+    model()
+    assert balancer.loads.sum() == 6 * 2
 
 
 def test_a_deep_copy_of_the_model_is_not_watched(model):

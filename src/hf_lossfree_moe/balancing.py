@@ -487,7 +487,7 @@ class LossFreeBalancer:
         if module is not self.model:
             return  # a deep copy of the model (e.g. a reference model) carries the hooks; they ignore it
         mask = self._argument("attention_mask", args, kwargs)
-        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        if isinstance(mask, torch.Tensor) and mask.dim() != 2 and not self._generation.active:
             warnings.warn(
                 f"attention_mask of shape {tuple(mask.shape)} is not a 2-D padding mask; every token is counted.",
                 stacklevel=2,
