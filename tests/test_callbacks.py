@@ -270,6 +270,20 @@ def test_a_second_trainer_on_the_same_model_takes_over_and_hands_back(tiny_confi
     assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(second_callback.last_eval_loads).mean)
 
 
+def test_a_callback_added_after_the_trainer_was_built_measures_from_the_next_evaluation(tiny_config, tmp_path):
+    validation = padded_examples(4, seed=11)
+    trainer = make_trainer(
+        LossFreeMoeForCausalLM(tiny_config()), tmp_path, None, validation, per_device_eval_batch_size=2
+    )
+    callback = LossFreeBalancingCallback()
+    trainer.add_callback(callback)
+    with pytest.warns(UserWarning, match="left out of this evaluation"):
+        assert "eval_maxvio_global" not in trainer.evaluate()
+    metrics = trainer.evaluate()
+    assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
+    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(callback.last_eval_loads).mean)
+
+
 def test_routers_without_tokens_leave_the_evaluation_metric_in_place(tmp_path):
     """ERNIE-4.5-VL's vision experts get no text token: their layers are skipped and counted, not the metric lost."""
     model = build_tiny_model("ernie4_5_vl_moe")  # a text model: no loss, so the evaluation only measures loads

@@ -2,11 +2,11 @@
 
 The model routes; this module balances. Forward hooks on every router count how many tokens each expert received
 (padding excluded, training forwards only, none inside `generate()`, never twice under activation checkpointing).
-`step()`, called once per
-optimizer step, sums the counts over data-parallel ranks in one collective and moves every bias in place, in fp32:
-`b += u * sign(mean(c) - c)`. Routers are found by behaviour (a module holding `e_score_correction_bias` whose forward
-returns `(router_logits, topk_weights, topk_indices)`, the DeepSeek-V3 contract), so transformers' MoE families with
-that router work as they are; families with another layout plug in through `register_router_adapter`.
+`step()`, called once per optimizer step, sums the counts over data-parallel ranks in one collective and moves every
+bias in place, in fp32: `b += u * sign(mean(c) - c)`. Routers are found by behaviour (a module holding
+`e_score_correction_bias` whose forward returns `(router_logits, topk_weights, topk_indices)`, the DeepSeek-V3
+contract), so transformers' MoE families with that router work as they are; families with another layout plug in
+through `register_router_adapter`.
 """
 
 import inspect

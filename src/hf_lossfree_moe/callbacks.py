@@ -37,8 +37,9 @@ class LossFreeBalancingCallback(TrainerCallback):
     Pass it the ordinary way, `Trainer(..., callbacks=[LossFreeBalancingCallback()])`: when the Trainer first calls
     it, it moves ahead of the `report_to` integrations, so they all receive its metrics. A model has one balancer:
     the callback of a second Trainer on the same model takes the routers over, and a callback whose routers were taken
-    takes them back at its next `train()` (or at its next evaluation, whose MaxVio it then leaves out with a warning,
-    as the first batch ran uncounted).
+    takes them back at its next `train()`. At an evaluation it can attach only after the first batch (when its routers
+    were taken, or when it was added with `trainer.add_callback` after the Trainer was built): that evaluation leaves
+    out its MaxVio with a warning, the next one has it.
 
     Args:
         update_rate, rule, bias_type, center, frozen, process_group: The `LossFreeBalancer` settings, checked here
@@ -115,7 +116,7 @@ class LossFreeBalancingCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
         self._move_ahead_of_reporters(args)
-        if self.balancer is not None and not self.balancer.attached:
+        if self.balancer is None or not self.balancer.attached:
             self.attach(model)  # called after the first batch's forward, which no measurement of ours counted
             self._evaluation_incomplete = True
         self._evaluating = True
@@ -157,9 +158,9 @@ class LossFreeBalancingCallback(TrainerCallback):
         if self._evaluation_incomplete:
             self._evaluation_incomplete = False
             warnings.warn(
-                f"{prefix}_maxvio_global is left out of this evaluation: another balancer had taken over the model's "
-                "routers, and this Trainer's callback took them back only after the first batch. The next "
-                "evaluation has it.",
+                f"{prefix}_maxvio_global is left out of this evaluation: the callback could attach its balancer only "
+                "after the first batch (it was added after the Trainer was built, or another balancer had taken over "
+                "the model's routers). The next evaluation has it.",
                 stacklevel=2,
             )
             return {}
