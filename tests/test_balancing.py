@@ -1,3 +1,5 @@
+import copy
+import threading
 import warnings
 
 import evaluate
@@ -370,16 +372,110 @@ def test_a_parameter_bias_stops_requiring_grad():
     assert not router.e_score_correction_bias.requires_grad
 
 
-def test_attaching_twice_is_an_error_until_removed(model):
+def module_state(model):
+    """Everything a balancer may touch on a model: instance attributes and hooks of every module."""
+    return [
+        (name, sorted(vars(module)), dict(module._forward_hooks), dict(module._forward_pre_hooks))
+        for name, module in model.named_modules()
+    ]
+
+
+def test_a_new_balancer_takes_over_and_removing_it_restores_the_model(model):
+    untouched = module_state(model)
     first = LossFreeBalancer(model)
-    with pytest.raises(ValueError, match="already attached"):
-        LossFreeBalancer(model.model)
-    first.remove()
+    second = LossFreeBalancer(model.model)  # e.g. the callback of a second Trainer on the same model
+    assert (first.attached, second.attached) == (False, True)
     model(torch.randint(3, 128, (2, 6)))
-    assert first.loads.sum() == 0  # its hooks are gone
-    second = LossFreeBalancer(model)
+    assert second.loads.sum(dim=-1).tolist() == [TOP_K * 12] * 2  # counted once, by the new balancer
+    assert first.loads.sum() == 0
+    with pytest.warns(UserWarning, match="detached"):
+        first.step()
+
+    second.remove()
+    assert module_state(model) == untouched
     model(torch.randint(3, 128, (2, 6)))
-    assert second.loads.sum(dim=-1).tolist() == [TOP_K * 12] * 2
+    assert second.loads.sum(dim=-1).tolist() == [TOP_K * 12] * 2  # nothing more counted
+    third = LossFreeBalancer(model)
+    third.remove()
+    assert module_state(model) == untouched
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_generation_never_counts_toward_step(model, mode, grad):
+    balancer = LossFreeBalancer(model)
+    input_ids, attention_mask = padded_batch([5, 3], seq_len=5)
+    model.train(mode == "train")
+    with torch.set_grad_enabled(grad):
+        # generate() itself runs without grad; its decoding loop is the same either way
+        model.generate(input_ids.flip(1), attention_mask=attention_mask.flip(1), max_new_tokens=3, do_sample=False)
+        assert balancer.loads.sum() == 0
+        model.train()
+        model(input_ids=input_ids, attention_mask=attention_mask)  # a training forward right after counts as ever
+    assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 8] * 2
+
+
+def test_generate_batch_counts_nothing_even_from_its_worker_thread():
+    """Continuous batching decodes in a worker thread while `generate_batch` waits for it."""
+
+    class BatchGenerating(ToyModel):
+        def generate_batch(self, num_forwards):
+            worker = threading.Thread(target=lambda: [self() for _ in range(num_forwards)])
+            worker.start()
+            worker.join()
+
+    model = BatchGenerating(ToyRouter(torch.rand(6, 4), top_k=2)).train()
+    balancer = LossFreeBalancer(model)
+    model.generate_batch(3)
+    assert balancer.loads.sum() == 0
+    model()
+    assert balancer.loads.sum() == 6 * 2
+
+
+def test_a_deep_copy_of_the_model_is_not_watched(model):
+    """Reference models are deep copies: their forwards must not count, their generate() must decode with the copy."""
+    balancer = LossFreeBalancer(model)
+    clone = copy.deepcopy(model).train()
+    clone(torch.randint(3, 128, (2, 6)))
+    assert balancer.loads.sum() == 0
+    clone.eval()
+    with torch.no_grad():
+        clone.lm_head.weight.zero_()  # every logit 0: greedy decoding picks token 0
+    prompt = torch.randint(3, 128, (1, 4))
+    assert clone.generate(prompt, max_new_tokens=2, do_sample=False)[0, 4:].tolist() == [0, 0]
+    assert model.eval().generate(prompt, max_new_tokens=2, do_sample=False)[0, 4:].tolist() != [0, 0]
+    assert balancer.loads.sum() == 0
+
+
+def packed_batch(lengths, pad_to, pad_token_id=0):
+    """One padding-free row as TRL's collator builds it: position ids restart at 0 per sequence, each sequence's
+    first label is -100, and `pad_to` pads the row with position 0, label -100 and the pad id."""
+    input_ids = torch.cat([torch.randint(3, 128, (n,)) for n in lengths])
+    position_ids = torch.cat([torch.arange(n) for n in lengths])
+    labels = input_ids.masked_fill(position_ids == 0, -100)
+    padding = pad_to - input_ids.numel()
+    return {
+        "input_ids": torch.cat([input_ids, torch.full((padding,), pad_token_id)])[None],
+        "position_ids": torch.cat([position_ids, torch.zeros(padding, dtype=torch.long)])[None],
+        "labels": torch.cat([labels, torch.full((padding,), -100)])[None],
+    }
+
+
+def test_trailing_padding_of_a_padding_free_batch_is_not_counted(model):
+    balancer = LossFreeBalancer(model)
+    model(**packed_batch([5, 1, 4], pad_to=16))  # a real one-token sequence, then 6 pad tokens
+    assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 10] * 2
+
+    balancer.step()
+    batch = packed_batch([5, 4], pad_to=16)
+    batch["input_ids"][0, -1] = 7  # the row ends with a token that is not the pad id: nothing says it is padding
+    model(**batch)
+    assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 16] * 2
+
+    balancer.step()
+    batch = packed_batch([5, 4], pad_to=16)
+    model(**{key: value for key, value in batch.items() if key != "labels"})  # no labels: every token counts
+    assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 16] * 2
 
 
 def test_wrappers_are_unwrapped(model):

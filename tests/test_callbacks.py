@@ -1,11 +1,13 @@
 import glob
+import warnings
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM, add_balancing_callback, maxvio
+from hf_lossfree_moe.testing_utils import build_tiny_model
 
 
 TOP_K = 2
@@ -37,7 +39,7 @@ def real_tokens(examples) -> int:
     return sum(len(example["input_ids"]) for example in examples)
 
 
-def make_trainer(model, output_dir, train, evaluation=None, **overrides):
+def make_trainer(model, output_dir, train, evaluation=None, callbacks=None, **overrides):
     settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=2,
@@ -58,6 +60,7 @@ def make_trainer(model, output_dir, train, evaluation=None, **overrides):
         train_dataset=train,
         eval_dataset=evaluation,
         data_collator=collate,
+        callbacks=callbacks,
     )
 
 
@@ -186,23 +189,116 @@ def test_aux_loss_model_is_only_measured(tiny_config, tmp_path):
     assert torch.equal(callback.balancer.biases(), torch.zeros(2, 8))
 
 
-def test_callback_passed_to_trainer_warns_that_integrations_miss_it(tiny_config, tmp_path):
+class EventCounter(TrainerCallback):
+    """Counts the on_log calls it receives and keeps the keys each one had."""
+
+    def __init__(self):
+        self.logged = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged.append(set(logs))
+
+
+def test_callback_passed_the_ordinary_way_reaches_every_integration(tiny_config, tmp_path):
     model = LossFreeMoeForCausalLM(tiny_config())
-    callback = LossFreeBalancingCallback(update_rate=1e-2)
+    callback, counter = LossFreeBalancingCallback(update_rate=1e-2), EventCounter()
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            output_dir=str(tmp_path), max_steps=2, logging_steps=1, report_to=["tensorboard"], use_cpu=True
+            output_dir=str(tmp_path),
+            max_steps=4,
+            logging_steps=2,
+            eval_strategy="steps",
+            eval_steps=4,
+            report_to=["tensorboard"],
+            use_cpu=True,
+            disable_tqdm=True,
         ),
-        train_dataset=padded_examples(4, seed=6),
+        train_dataset=padded_examples(8, seed=6),
+        eval_dataset=padded_examples(4, seed=7),
         data_collator=collate,
-        callbacks=[callback],
+        callbacks=[counter, callback],
     )
-    assert callback.balancer.update_rate == 1e-2  # built when the Trainer was
-    with pytest.warns(UserWarning, match="add_balancing_callback"):
+    assert callback.balancer.update_rate == 1e-2  # built when the Trainer was ...
+    assert trainer.callback_handler.callbacks[0] is callback  # ... and moved ahead of the TensorBoard callback
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*report_to.*")
         trainer.train()
-    assert all("maxvio_batch" in entry for entry in trainer.state.log_history if "loss" in entry)
-    assert "train/maxvio_batch" not in tensorboard_scalars(tmp_path)
+    metrics = trainer.evaluate()
+
+    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    eval_logs = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(counter.logged) == len(trainer.state.log_history) == 5  # each log reached every callback once
+    assert all("maxvio_batch" in keys for keys in counter.logged[:1])
+    scalars = tensorboard_scalars(tmp_path)
+    assert scalars["train/maxvio_batch"] == pytest.approx([entry["maxvio_batch"] for entry in train_logs])
+    assert scalars["train/maxvio_batch/layer_2"] == pytest.approx(
+        [entry["maxvio_batch/layer_2"] for entry in train_logs]
+    )
+    assert scalars["train/bias_abs_max"] == pytest.approx([entry["bias_abs_max"] for entry in train_logs])
+    assert scalars["train/bias_abs_mean"] == pytest.approx([entry["bias_abs_mean"] for entry in train_logs])
+    assert scalars["eval/maxvio_global"] == pytest.approx([entry["eval_maxvio_global"] for entry in eval_logs])
+    assert scalars["eval/maxvio_global"][-1] == pytest.approx(metrics["eval_maxvio_global"])
+    assert "eval/maxvio_global/layer_1" in scalars
+
+
+def test_a_second_trainer_on_the_same_model_takes_over_and_hands_back(tiny_config, tmp_path):
+    model = LossFreeMoeForCausalLM(tiny_config())
+    validation = padded_examples(4, seed=8)
+    first = make_trainer(model, tmp_path / "a", padded_examples(8, seed=9), validation, max_steps=2)
+    first_callback = add_balancing_callback(first)
+    first.train()
+
+    second_callback = LossFreeBalancingCallback()
+    second = make_trainer(
+        model, tmp_path / "b", None, validation, per_device_eval_batch_size=2, callbacks=[second_callback]
+    )
+    assert (first_callback.balancer.attached, second_callback.balancer.attached) == (False, True)
+    assert "eval_maxvio_global" in second.evaluate()
+    assert second_callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
+
+    biases = second_callback.balancer.biases()
+    first.train()  # takes the routers back before its first batch
+    assert (first_callback.balancer.attached, second_callback.balancer.attached) == (True, False)
+    assert "maxvio_batch" in first.state.log_history[0]
+    assert (first_callback.balancer.biases() - biases).abs().max() == pytest.approx(2e-3)  # two steps of u = 1e-3
+
+    with pytest.warns(UserWarning, match="left out of this evaluation"):
+        assert "eval_maxvio_global" not in second.evaluate()  # taken back after its first batch
+    metrics = second.evaluate()
+    assert second_callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
+    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(second_callback.last_eval_loads).mean)
+
+
+def test_a_callback_added_after_the_trainer_was_built_measures_from_the_next_evaluation(tiny_config, tmp_path):
+    validation = padded_examples(4, seed=11)
+    trainer = make_trainer(
+        LossFreeMoeForCausalLM(tiny_config()), tmp_path, None, validation, per_device_eval_batch_size=2
+    )
+    callback = LossFreeBalancingCallback()
+    trainer.add_callback(callback)
+    with pytest.warns(UserWarning, match="left out of this evaluation"):
+        assert "eval_maxvio_global" not in trainer.evaluate()
+    metrics = trainer.evaluate()
+    assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
+    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(callback.last_eval_loads).mean)
+
+
+def test_routers_without_tokens_leave_the_evaluation_metric_in_place(tmp_path):
+    """ERNIE-4.5-VL's vision experts get no text token: their layers are skipped and counted, not the metric lost."""
+    model = build_tiny_model("ernie4_5_vl_moe")  # a text model: no loss, so the evaluation only measures loads
+    validation = padded_examples(4, seed=10)
+    trainer = make_trainer(model, tmp_path, None, validation, callbacks=[LossFreeBalancingCallback()])
+    metrics = trainer.evaluate()
+
+    callback = trainer.callback_handler.callbacks[0]
+    assert callback.balancer.names[1::2] == ["layers.0.mlp.vision_moe.gate", "layers.1.mlp.vision_moe.gate"]
+    loads = callback.last_eval_loads
+    assert loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation), 0] * 2
+    text = maxvio(loads[0::2]).per_layer.values()
+    assert metrics["eval_maxvio_global"] == pytest.approx(sum(text) / 2)
+    assert metrics["eval_maxvio_global/skipped_layers"] == 2
+    assert [key for key in metrics if "/layer_" in key] == ["eval_maxvio_global/layer_0", "eval_maxvio_global/layer_2"]
 
 
 def test_balancer_arguments_are_declared_and_checked_when_the_callback_is_built():

@@ -176,8 +176,11 @@ def test_save_load_round_trip_and_bf16_load(tmp_path, tiny_config):
 def test_saved_folder_carries_code_and_auto_map(tmp_path, tiny_config):
     LossFreeMoeForCausalLM(tiny_config()).save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoConfig"] == "configuration_lossfree_moe.LossFreeMoeConfig"
-    assert auto_map["AutoModelForCausalLM"] == "modeling_lossfree_moe.LossFreeMoeForCausalLM"
+    assert auto_map == {
+        "AutoConfig": "configuration_lossfree_moe.LossFreeMoeConfig",
+        "AutoModel": "modeling_lossfree_moe.LossFreeMoeModel",
+        "AutoModelForCausalLM": "modeling_lossfree_moe.LossFreeMoeForCausalLM",
+    }
     assert (tmp_path / "modeling_lossfree_moe.py").exists()
     assert (tmp_path / "configuration_lossfree_moe.py").exists()
 
@@ -193,15 +196,17 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, BlockPackage())
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     folder, input_path, output_path = sys.argv[1:]
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    causal_lm = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     assert "hf_lossfree_moe" not in sys.modules
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    for model in (causal_lm, base):
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     input_ids = torch.load(input_path)
     with torch.no_grad():
-        torch.save(model(input_ids).logits, output_path)
+        torch.save((causal_lm(input_ids).logits, base(input_ids).last_hidden_state), output_path)
     """
 )
 
@@ -223,7 +228,7 @@ def test_remote_code_load_without_the_package(tmp_path, tiny_config):
         cwd=tmp_path,
     )
     with torch.no_grad():
-        expected = model(input_ids).logits
+        expected = model(input_ids).logits, model.model(input_ids).last_hidden_state
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
 
 

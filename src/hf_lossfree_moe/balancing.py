@@ -1,11 +1,12 @@
 """LossFreeBalancer: counts expert loads from outside the model and updates the router biases (Algorithm 1).
 
 The model routes; this module balances. Forward hooks on every router count how many tokens each expert received
-(padding excluded, training forwards only, never twice under activation checkpointing). `step()`, called once per
-optimizer step, sums the counts over data-parallel ranks in one collective and moves every bias in place, in fp32:
-`b += u * sign(mean(c) - c)`. Routers are found by behaviour (a module holding `e_score_correction_bias` whose forward
-returns `(router_logits, topk_weights, topk_indices)`, the DeepSeek-V3 contract), so transformers' MoE families with
-that router work as they are; families with another layout plug in through `register_router_adapter`.
+(padding excluded, training forwards only, none inside `generate()`, never twice under activation checkpointing).
+`step()`, called once per optimizer step, sums the counts over data-parallel ranks in one collective and moves every
+bias in place, in fp32: `b += u * sign(mean(c) - c)`. Routers are found by behaviour (a module holding
+`e_score_correction_bias` whose forward returns `(router_logits, topk_weights, topk_indices)`, the DeepSeek-V3
+contract), so transformers' MoE families with that router work as they are; families with another layout plug in
+through `register_router_adapter`.
 """
 
 import inspect
@@ -20,6 +21,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .configuration_lossfree_moe import BiasType, BiasUpdateRule
+from .generation import GenerationTracker
 from .load_metrics import MaxVio, maxvio
 from .process_groups import LoadSum
 from .routers import BIAS_NAME, FoundRouter, find_routers, layer_numbers
@@ -32,6 +34,8 @@ DEFAULT_UPDATE_RATE = 1e-3
 DEFAULT_UPDATE_RULE = "sign"
 DEFAULT_BIAS_TYPE = "additive"
 NEUTRAL_BIAS = {"additive": 0.0, "multiplicative": 1.0}
+# The label of a token without loss (transformers' `ignore_index`): padding-free collators give it to their padding.
+IGNORE_INDEX = -100
 
 
 class _ExpertCounts:
@@ -144,14 +148,23 @@ _BALANCER_OF_ROUTER: "weakref.WeakKeyDictionary[nn.Module, LossFreeBalancer]" = 
 class LossFreeBalancer:
     r"""Auxiliary-loss-free load balancing (Wang et al., 2024, Algorithm 1) for any model with biased top-K routers.
 
-    Hooks count, per router, the tokens each expert received: exact int64 counts, padding excluded (the 2-D
-    `attention_mask` the model was called with), only in training-mode forwards, and never during backward, so
-    activation-checkpoint recomputation (reentrant or not) does not count tokens twice. Counts accumulate over
-    micro-batches until `step()`, which you call once after each `optimizer.step()`.
+    Hooks count, per router, the tokens each expert received: exact int64 counts, padding excluded, only in
+    training-mode forwards, and never during backward, so activation-checkpoint recomputation (reentrant or not) does
+    not count tokens twice. Counts accumulate over micro-batches until `step()`, which you call once after each
+    `optimizer.step()`.
 
-    Forwards of a model in training mode under `torch.no_grad()` are counted too: reentrant checkpointing runs the
-    real forward without grad, so grad mode cannot tell them apart. Put the model in eval mode, or use `measure()`,
-    for forwards that must not steer the biases.
+    Padding is what the model call says it is: tokens where the 2-D `attention_mask` is 0; without a mask, the
+    trailing padding of a padding-free batch (TRL's `padding_free` collator with `pad_to_multiple_of`): the tokens at
+    the end of a row that all have position id 0, label -100 and the config's `pad_token_id`. Everything else counts.
+
+    Forwards inside `generate()` (or `generate_batch()`) of the model or any module in it never count toward `step()`,
+    in training or eval mode, with or without grad: rollouts of RL trainers do not steer the biases. Other forwards of
+    a model in training mode under `torch.no_grad()` are counted: reentrant checkpointing runs the real forward
+    without grad, so grad mode cannot tell them apart. Put the model in eval mode, or use `measure()`, for forwards
+    that must not steer the biases.
+
+    A model has at most one balancer: a new one takes over the routers of the one attached before, whose hooks are
+    removed (its `step()` then counts nothing and says so).
 
     Args:
         model: The model, possibly wrapped by DDP, FSDP or Accelerate. Its routers are found by behaviour.
@@ -172,6 +185,9 @@ class LossFreeBalancer:
             expert-parallel ranks route the same tokens and are not summed twice); otherwise the whole world.
 
     Models whose config says `load_balancing="aux_loss"` or `"none"` are only measured: their biases stay fixed.
+
+    On a PEFT model whose `save_pretrained` writes only the adapter, `step()` warns once when it moves a bias the
+    adapter would not carry (the router is not in the adapter's `modules_to_save`).
 
     Example:
 
@@ -223,12 +239,8 @@ class LossFreeBalancer:
         num_experts = {getattr(r.bias_owner, r.bias_attr).numel() for r in found}
         if len(num_experts) != 1:
             raise ValueError(f"Every router must have the same number of experts, got {sorted(num_experts)}.")
-        taken = [r.name for r in found if r.module in _BALANCER_OF_ROUTER]
-        if taken:
-            raise ValueError(
-                f"A LossFreeBalancer is already attached to {taken[0]!r}; two would count every token twice. "
-                "Call `remove()` on the first one before attaching another."
-            )
+        for previous in {_BALANCER_OF_ROUTER[r.module] for r in found if r.module in _BALANCER_OF_ROUTER}:
+            previous.remove()  # two balancers would count every token twice
         self._routers = found
         self._layers = layer_numbers([router.name for router in found])
         self._weight_slots = [_weight_slots(router) for router in found]
@@ -236,15 +248,22 @@ class LossFreeBalancer:
         self._train_counts = _ExpertCounts(len(found), self.num_experts)
         self._measurements: list[LoadMeasurement] = []
         self._masks: list[torch.Tensor | None] = []
-        self._mask_position = _argument_position(model, "attention_mask")
+        self._argument_positions = {
+            name: _argument_position(model, name) for name in ("attention_mask", "input_ids", "position_ids", "labels")
+        }
+        self._not_in_adapter = _biases_left_out_of_adapter(model, found)
+        self._warned_adapter = False
         for index, router in enumerate(found):
             _BALANCER_OF_ROUTER[router.module] = self
             self._prepare_bias(index)
+        self._generation = GenerationTracker(model)
         self._hooks = [
             model.register_forward_pre_hook(self._capture_mask, with_kwargs=True),
             model.register_forward_hook(self._release_mask, always_call=True),
             *(
-                r.module.register_forward_hook(lambda module, args, output, index=index: self._count(index, output))
+                r.module.register_forward_hook(
+                    lambda module, args, output, index=index: self._count(index, module, output)
+                )
                 for index, r in enumerate(found)
             ),
         ]
@@ -273,6 +292,11 @@ class LossFreeBalancer:
     def loads(self) -> torch.Tensor:
         """(routers, experts) int64 token counts of this rank since the last `step()`."""
         return self._train_counts.stacked(self.device)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place: False after `remove()` or once another balancer took over the routers."""
+        return bool(self._hooks)
 
     @property
     def updates_biases(self) -> bool:
@@ -319,9 +343,13 @@ class LossFreeBalancer:
         any_counted = bool(counted.any())
         stats = maxvio(loads, self.layers).metrics("maxvio_batch")
         if not any_counted:
+            reason = (
+                "Counting needs training-mode forwards of the model the balancer is attached to."
+                if self.attached
+                else "This balancer is detached: `remove()` was called or a newer balancer took over the routers."
+            )
             warnings.warn(
-                "LossFreeBalancer.step(): no token was counted since the last step, so no bias moved. Counting "
-                "needs training-mode forwards of the model the balancer is attached to.",
+                f"LossFreeBalancer.step(): no token was counted since the last step, so no bias moved. {reason}",
                 stacklevel=2,
             )
         biases = [self._bias(index) for index in range(len(self))]
@@ -335,6 +363,7 @@ class LossFreeBalancer:
                 biases[index] = self._fp32_bias(index)
             if updated:
                 self._add_updates([biases[index] for index in updated], self._update(loads[movable]).float())
+                self._warn_if_left_out_of_adapter(updated)
         distance = (_stack_on(biases, self.device, torch.float32) - NEUTRAL_BIAS[self.bias_type]).abs()  # (L, E)
         stats["bias_abs_max"] = distance.max().item()
         stats["bias_abs_mean"] = distance.mean().item()
@@ -352,6 +381,7 @@ class LossFreeBalancer:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._generation.remove()
         self._measurements = []
         for router in self._routers:
             if _BALANCER_OF_ROUTER.get(router.module) is self:
@@ -384,6 +414,20 @@ class LossFreeBalancer:
             else:
                 rows = [row.view_as(bias) for row, bias in zip(rows, targets, strict=True)]
             torch._foreach_add_(targets, rows)
+
+    def _warn_if_left_out_of_adapter(self, updated: list[int]):
+        left_out = [index for index in updated if self._not_in_adapter[index] is not None]
+        if self._warned_adapter or not left_out:
+            return
+        self._warned_adapter = True
+        module_names = sorted({self._not_in_adapter[index] for index in left_out})
+        warnings.warn(
+            f"LossFreeBalancer moved the biases of {len(left_out)} routers (e.g. {self.names[left_out[0]]}) that this "
+            "PEFT model's `save_pretrained` leaves out: it writes only the adapter. Add the modules holding them to "
+            f"the adapter config, `modules_to_save={module_names}`, to save the trained biases with the adapter, or "
+            "save the merged model (`model.merge_and_unload().save_pretrained(...)`).",
+            stacklevel=3,
+        )
 
     def _fp32_bias(self, index: int) -> torch.Tensor:
         """The router's bias, upcast first if something cast it since the last look (e.g. `model.bfloat16()`)."""
@@ -444,18 +488,47 @@ class LossFreeBalancer:
         self._load_sum.all_reduce_(loads)
 
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict):
-        mask = kwargs.get("attention_mask")
-        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
-            mask = args[self._mask_position]
-        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+        if module is not self.model:
+            return  # a deep copy of the model (e.g. a reference model) carries the hooks; they ignore it
+        mask = self._argument("attention_mask", args, kwargs)
+        if isinstance(mask, torch.Tensor) and mask.dim() != 2 and not self._generation.active:
             warnings.warn(
                 f"attention_mask of shape {tuple(mask.shape)} is not a 2-D padding mask; every token is counted.",
                 stacklevel=2,
             )
+        if mask is None:
+            mask = self._padding_free_mask(args, kwargs)
         self._masks.append(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
 
+    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """The value of the model call's argument `name`, passed by keyword or by position."""
+        if name in kwargs:
+            return kwargs[name]
+        position = self._argument_positions[name]
+        return args[position] if position is not None and len(args) > position else None
+
+    def _padding_free_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """(B, L) 0 on the trailing padding of a padding-free batch, 1 elsewhere; None when the call cannot say.
+
+        A padding-free collator packs sequences into one row, restarting `position_ids` at 0 for each; padding up to
+        `pad_to_multiple_of` gets position 0, label -100 and the pad id, so only padding ends a row with tokens that
+        all carry those three.
+        """
+        config = getattr(self.model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        pad_token_id = getattr(config, "pad_token_id", None)
+        tensors = [self._argument(name, args, kwargs) for name in ("input_ids", "position_ids", "labels")]
+        if pad_token_id is None or not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in tensors):
+            return None
+        input_ids, position_ids, labels = tensors
+        if not input_ids.shape == position_ids.shape == labels.shape:
+            return None
+        padding = (position_ids == 0) & (labels == IGNORE_INDEX) & (input_ids == pad_token_id)  # (B, L)
+        trailing = padding.flip(-1).long().cumprod(dim=-1).flip(-1)  # (B, L), 1 from the last non-padding on
+        return 1 - trailing
+
     def _release_mask(self, module: nn.Module, args: tuple, output: Any):
-        if self._masks:
+        if module is self.model and self._masks:
             self._masks.pop()
 
     def _token_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
@@ -473,13 +546,15 @@ class LossFreeBalancer:
         # With a cache the mask covers past tokens too; the routers see only the last `tokens_per_row` columns.
         return (mask[:, mask_length - tokens_per_row :] != 0).reshape(-1).to(device=device, dtype=torch.int64)
 
-    def _count(self, index: int, output: Any):
+    def _count(self, index: int, module: nn.Module, output: Any):
         router = self._routers[index]
+        if module is not router.module:
+            return  # the router of a deep copy of the model
         topk_indices = router.adapter.topk_indices(router.module, output)  # (T, K)
         if torch._C._current_graph_task_id() != -1:
             return  # inside backward: activation-checkpoint recomputation of a forward already counted
         sinks = [m._counts for m in self._measurements if m.accepts(router.module.training)]
-        if not sinks and router.module.training:
+        if not sinks and router.module.training and not self._generation.active:
             sinks = [self._train_counts]
         if not sinks:
             return
@@ -518,6 +593,28 @@ def _weight_slots(router: FoundRouter) -> list[tuple[nn.Module, str]]:
         for name, parameter in module._parameters.items()
         if parameter is not None and not (module is router.bias_owner and name == router.bias_attr)
     ]
+
+
+def _biases_left_out_of_adapter(model: nn.Module, found: list[FoundRouter]) -> list[str | None]:
+    """Per router, on a PEFT model (one with a `peft_config`, whose `save_pretrained` writes only the adapter): the
+    module name to add to `modules_to_save` so the adapter carries its bias, or None when it already does.
+
+    None for every router of a model without adapters. The bias is saved with the adapter when it lives in a
+    `modules_to_save` copy; the module to name is the outer of the router and the module holding its bias.
+    """
+    peft_config = getattr(model, "peft_config", None)
+    if not (isinstance(peft_config, dict) and peft_config):
+        return [None] * len(found)
+    names = {module: name for name, module in model.named_modules()}
+    left_out = []
+    for router in found:
+        owner = names[router.bias_owner]
+        if "modules_to_save" in owner.split("."):
+            left_out.append(None)
+        else:
+            outer = min(owner, router.name, key=len)
+            left_out.append(outer.rsplit(".", 1)[-1])
+    return left_out
 
 
 def _stack_on(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

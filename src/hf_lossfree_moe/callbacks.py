@@ -2,14 +2,17 @@
 
 The callback holds no balancing logic: it builds the balancer for the Trainer's model, calls `step()` once per
 optimizer step (after all gradient-accumulation micro-batches) and adds MaxVio and bias statistics to the Trainer's
-logs and evaluation metrics. Reporting integrations (TensorBoard, trackio, W&B ...) read the logs in callback order,
-so add the callback with `add_balancing_callback(trainer)`, which puts it ahead of them.
+logs and evaluation metrics. Reporting integrations (TensorBoard, trackio, W&B ...) read the logs in callback order
+and `Trainer` puts them ahead of the callbacks it is given, so the callback moves itself to the front of the
+Trainer's list the first time the Trainer calls it; `add_balancing_callback(trainer)` does the same explicitly.
 """
 
+import inspect
 import warnings
 from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
 
 from .balancing import LoadMeasurement, LossFreeBalancer, check_settings
 from .load_metrics import maxvio
@@ -31,6 +34,13 @@ class LossFreeBalancingCallback(TrainerCallback):
     Any forward of the model in eval mode between the last optimizer step and an evaluation's log counts toward that
     evaluation.
 
+    Pass it the ordinary way, `Trainer(..., callbacks=[LossFreeBalancingCallback()])`: when the Trainer first calls
+    it, it moves ahead of the `report_to` integrations, so they all receive its metrics. A model has one balancer:
+    the callback of a second Trainer on the same model takes the routers over, and a callback whose routers were taken
+    takes them back at its next `train()`. At an evaluation it can attach only after the first batch (when its routers
+    were taken, or when it was added with `trainer.add_callback` after the Trainer was built): that evaluation leaves
+    out its MaxVio with a warning, the next one has it.
+
     Args:
         update_rate, rule, bias_type, center, frozen, process_group: The `LossFreeBalancer` settings, checked here
             and passed on; unset ones come from the model's config (see `LossFreeBalancer`).
@@ -38,8 +48,8 @@ class LossFreeBalancingCallback(TrainerCallback):
     Example:
 
     ```python
-    >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val)
-    >>> callback = add_balancing_callback(trainer)
+    >>> callback = LossFreeBalancingCallback()
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, callbacks=[callback])
     >>> trainer.train()
     >>> trainer.evaluate()["eval_maxvio_global"]
     ```
@@ -66,14 +76,18 @@ class LossFreeBalancingCallback(TrainerCallback):
         self.balancer: LossFreeBalancer | None = None
         self._attached_to = None
         self.last_eval_loads = None
-        self._first_in_trainer = False
+        self._placement_warned = False
         self._eval_measurement: LoadMeasurement | None = None
         self._evaluating = False
+        self._evaluation_incomplete = False
         self._step_stats: list[dict[str, float]] = []
 
     def attach(self, model):
-        """Build the balancer for `model` (wrappers are unwrapped); a no-op when it is already attached to it."""
-        if model is self._attached_to:
+        """Build the balancer for `model` (wrappers are unwrapped); a no-op while it is attached to it.
+
+        A balancer another one took over is built again, taking the routers back.
+        """
+        if self.balancer is not None and model is self._attached_to and self.balancer.attached:
             return
         if self.balancer is not None:
             self.balancer.remove()
@@ -82,30 +96,33 @@ class LossFreeBalancingCallback(TrainerCallback):
         self._eval_measurement = self.balancer.measure(eval_only=True).start()
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        self._move_ahead_of_reporters(args)
         if model is not None:
             self.attach(model)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
+        self._move_ahead_of_reporters(args)
         self.attach(model)
         self._eval_measurement.reset()
         self._step_stats = []
-        if args.report_to and not self._first_in_trainer:
-            warnings.warn(
-                "LossFreeBalancingCallback runs after the report_to integrations, which therefore miss maxvio_batch "
-                "and eval_maxvio_global (log_history has them). Add it with `add_balancing_callback(trainer)`.",
-                stacklevel=2,
-            )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._step_stats.append(self.balancer.step())
         self._eval_measurement.reset()  # eval-mode forwards during training are no evaluation
 
-    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
+        self._move_ahead_of_reporters(args)
+        if self.balancer is None or not self.balancer.attached:
+            self.attach(model)  # called after the first batch's forward, which no measurement of ours counted
+            self._evaluation_incomplete = True
         self._evaluating = True
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        self._move_ahead_of_reporters(args)
         if self.balancer is None or logs is None:
             return
         added = self._evaluation_metrics(logs) if self._evaluating else self._training_metrics()
@@ -138,17 +155,60 @@ class LossFreeBalancingCallback(TrainerCallback):
         loads = self._eval_measurement.stop().loads
         self._eval_measurement = self.balancer.measure(eval_only=True).start()
         prefix = next((key[: -len("_runtime")] for key in metrics if key.endswith("_runtime")), "eval")
+        if self._evaluation_incomplete:
+            self._evaluation_incomplete = False
+            warnings.warn(
+                f"{prefix}_maxvio_global is left out of this evaluation: the callback could attach its balancer only "
+                "after the first batch (it was added after the Trainer was built, or another balancer had taken over "
+                "the model's routers). The next evaluation has it.",
+                stacklevel=2,
+            )
+            return {}
         self.last_eval_loads = loads
         return maxvio(loads, self.balancer.layers).metrics(f"{prefix}_maxvio_global")
+
+    def _move_ahead_of_reporters(self, args: TrainingArguments):
+        """Move to the front of the calling Trainer's callbacks, so every `report_to` integration sees the metrics.
+
+        Trainer events carry no reference to the Trainer, so the `CallbackHandler` is found on the call stack: the
+        handler calling this event, a few frames up. Moving from place i to 0 while it iterates its list leaves the
+        callbacks after i where its iterator expects them, so no other callback misses or repeats this event.
+        """
+        handler = _calling_handler(self)
+        if handler is None:
+            if args.report_to and not self._placement_warned:
+                self._placement_warned = True
+                warnings.warn(
+                    "LossFreeBalancingCallback could not move ahead of the report_to integrations, which therefore "
+                    "miss its metrics (log_history has them). Add it with `add_balancing_callback(trainer)`.",
+                    stacklevel=3,
+                )
+            return
+        if handler.callbacks[0] is not self:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+
+def _calling_handler(callback: TrainerCallback, max_depth: int = 8) -> CallbackHandler | None:
+    """The `CallbackHandler` within `max_depth` frames up the call stack whose list holds `callback`, if any."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            candidate = frame.f_locals.get("self") if frame is not None else None
+            if isinstance(candidate, CallbackHandler) and any(cb is callback for cb in candidate.callbacks):
+                return candidate
+        return None
+    finally:
+        del frame
 
 
 def add_balancing_callback(trainer: "Trainer", callback: LossFreeBalancingCallback | None = None):
     """Add `callback` (default: `LossFreeBalancingCallback()`) to `trainer` ahead of every other callback.
 
-    Trainer calls callbacks in list order and puts its reporting integrations first, so a callback passed with
-    `callbacks=[...]` adds its metrics after TensorBoard, trackio or W&B have read the logs. Placed first, its
-    additions reach all of them. The balancer is built at once, so `trainer.evaluate()` works before `train()`.
-    Returns the callback.
+    The explicit form of `Trainer(..., callbacks=[callback])`: Trainer calls callbacks in list order and puts its
+    reporting integrations first; placed first, the callback's additions reach TensorBoard, trackio, W&B and the rest.
+    The balancer is built at once, so `trainer.evaluate()` works before `train()`. Returns the callback.
     """
     callback = LossFreeBalancingCallback() if callback is None else callback
     if not isinstance(callback, LossFreeBalancingCallback):
@@ -157,7 +217,6 @@ def add_balancing_callback(trainer: "Trainer", callback: LossFreeBalancingCallba
     if callback in callbacks:
         callbacks.remove(callback)
     callbacks.insert(0, callback)
-    callback._first_in_trainer = True
     callback.attach(trainer.model)
     return callback
 

@@ -23,6 +23,7 @@ from .routers import (
     deepseek_v3_topk_indices,
     holds_bias,
     register_router_adapter,
+    wrapper_copies,
 )
 
 
@@ -39,8 +40,14 @@ STATICS_ADAPTER = RouterAdapter(
 
 
 def _locate_bias_argument_gate(module: nn.Module) -> RouterLocation | None:
-    """A block that holds the bias and passes it to its `gate`: the gate routes, the block keeps the bias."""
+    """A block that holds the bias and passes it to its `gate`: the gate routes, the block keeps the bias.
+
+    A gate wrapped by PEFT's `modules_to_save` routes through its running copy.
+    """
     gate = getattr(module, "gate", None)
+    copies = wrapper_copies(gate) if isinstance(gate, nn.Module) else None
+    if copies is not None:
+        gate = copies[0]
     if holds_bias(module) and isinstance(gate, nn.Module) and BIAS_NAME in inspect.signature(gate.forward).parameters:
         return RouterLocation(gate, module, BIAS_NAME)
     return None

@@ -309,6 +309,30 @@ class LossFreeMoePreTrainedModel(PreTrainedModel):
         """The router of every MoE layer, in layer order."""
         return [module for module in self.modules() if isinstance(module, LossFreeMoeTopkRouter)]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with every Auto class that loads the folder in `config.auto_map`.
+
+        transformers lists only the saved class's own Auto class (and `AutoConfig`), so the folder of a
+        `LossFreeMoeForCausalLM` would not load with `AutoModel.from_pretrained(folder, trust_remote_code=True)`.
+        Entries already in `auto_map` (e.g. pointing at a Hub repository) are kept.
+        """
+        if self.is_remote_code():
+            self.config.auto_map = {**_auto_map(self.config), **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _auto_map(config: LossFreeMoeConfig) -> dict[str, str]:
+    """`auto_map` entries for the code files that `save_pretrained` copies next to the weights."""
+
+    def reference(cls: type) -> str:
+        return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+    return {
+        "AutoConfig": reference(type(config)),
+        "AutoModel": reference(LossFreeMoeModel),
+        "AutoModelForCausalLM": reference(LossFreeMoeForCausalLM),
+    }
+
 
 class LossFreeMoeModel(LossFreeMoePreTrainedModel):
     def __init__(self, config: LossFreeMoeConfig):

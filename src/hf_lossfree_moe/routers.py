@@ -3,7 +3,8 @@
 Routers are found by behaviour, not by class: by default a module holding `e_score_correction_bias` whose forward
 returns `(router_logits, topk_weights, topk_indices)`, the contract of transformers' DeepSeek-V3 router. Families with
 another layout (see families.py) plug in a `RouterAdapter`. Discovery is a pure function of the model: no state is
-kept between calls.
+kept between calls. Copies of a router that do not run, such as the original that PEFT's `modules_to_save` keeps
+beside the trained copy, are not routers: each MoE layer has one, the copy its forward goes through.
 """
 
 import re
@@ -93,16 +94,54 @@ class FoundRouter:
     bias_attr: str
 
 
+def wrapper_copies(module: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
+    """`(running, idle)` copies of the module a PEFT-style wrapper holds, or None if `module` is no such wrapper.
+
+    PEFT's `ModulesToSaveWrapper` (recognised by its `original_module` and `modules_to_save` children) keeps the
+    original module and one trainable copy per adapter; its forward runs the copy of the active adapter, or the
+    original while adapters are disabled.
+    """
+    original = module._modules.get("original_module")
+    copies = module._modules.get("modules_to_save")
+    if not isinstance(original, nn.Module) or not isinstance(copies, nn.ModuleDict):
+        return None
+    active = list(getattr(module, "active_adapters", None) or [])
+    if getattr(module, "disable_adapters", False) or not active or active[0] not in copies:
+        running = original
+    else:
+        running = copies[active[0]]
+    return running, [copy for copy in (original, *copies.values()) if copy is not running]
+
+
+def idle_modules(model: nn.Module) -> set[nn.Module]:
+    """Modules of `model` that never run as routers: wrappers of `wrapper_copies` and everything in their idle copies.
+
+    A wrapper hands out its running copy's attributes, so a family adapter reading attributes would find the router
+    a second time through it.
+    """
+    idle = set()
+    for module in model.modules():
+        copies = wrapper_copies(module)
+        if copies is not None:
+            idle.add(module)
+            idle.update(inner for copy in copies[1] for inner in copy.modules())
+    return idle
+
+
 def find_routers(model: nn.Module) -> list[FoundRouter]:
     """Every router of `model` in module order (layer order), each with the adapter that reads it.
 
     A bias that a family adapter claims is not also read by the DeepSeek-V3 default (e.g. a module that only stores
-    the bias for its router), so no bias is counted twice.
+    the bias for its router), so no bias is counted twice. Of a router wrapped by PEFT's `modules_to_save`, only the
+    copy that runs when the routers are found is one (see `wrapper_copies`).
     """
     adapters = [*_FAMILY_ADAPTERS.values(), DEEPSEEK_V3_ADAPTER]
+    idle = idle_modules(model)
     names = {module: name for name, module in model.named_modules()}
     located = []
     for module in names:
+        if module in idle:
+            continue
         for adapter in adapters:
             location = adapter.locate(module)
             if location is not None:
@@ -143,6 +182,8 @@ __all__ = [
     "RouterLocation",
     "find_routers",
     "holds_bias",
+    "idle_modules",
     "layer_numbers",
     "register_router_adapter",
+    "wrapper_copies",
 ]

@@ -12,7 +12,8 @@ from importlib import import_module
 from pathlib import Path
 
 import transformers
-from transformers import PreTrainedModel
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .routers import BIAS_NAME
 
@@ -170,10 +171,29 @@ def build_tiny_model(family: str, num_layers: int = 2, **config_overrides) -> Pr
     return model_class(config)
 
 
+def build_tiny_tokenizer(vocab_size: int = TINY_FIELDS["vocab_size"]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer matching the tiny models' special ids: `<pad>` 0, `<s>` 1, `</s>` 2, then the words
+    `w3` ... `w{vocab_size - 1}`, split on whitespace (any other word is read as `<pad>`); it adds `<s>` in front of
+    every text. Built in memory, so
+    tests and examples that need a tokenizer (TRL's trainers, lm-eval) download nothing.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 4:
+        raise ValueError(f"vocab_size must be an integer >= 4, got {vocab_size!r}.")
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {token: index for index, token in enumerate(specials + [f"w{i}" for i in range(3, vocab_size)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
+
+
 __all__ = [
     "FAMILY_FIXES",
     "TINY_FIELDS",
     "build_tiny_model",
+    "build_tiny_tokenizer",
     "correction_bias_families",
     "tiny_config_kwargs",
     "tiny_model_class",
