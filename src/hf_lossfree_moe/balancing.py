@@ -231,6 +231,7 @@ class LossFreeBalancer:
         self._train_counts = _ExpertCounts(len(found), self.num_experts)
         self._measurements: list[LoadMeasurement] = []
         self._masks: list[torch.Tensor | None] = []
+        self._uncounted_eval_forwards = False  # since the last step(): eval-mode router calls no measurement took
         self._mask_position = _argument_position(model, "attention_mask")
         for index, router in enumerate(found):
             _BALANCER_OF_ROUTER[router.module] = self
@@ -281,7 +282,6 @@ class LossFreeBalancer:
     def __len__(self) -> int:
         return len(self._routers)
 
-    @torch.no_grad()
     def step(self) -> dict[str, float]:
         """Update every bias from the loads of the whole optimizer step, then reset the counts.
 
@@ -304,19 +304,25 @@ class LossFreeBalancer:
             the layer number of `layers`), `maxvio_batch/skipped_layers` (how many layers received no token, when
             any did not), `bias_abs_max` and `bias_abs_mean` (distance from the neutral bias, 0 or 1), and
             `bias_updated` (1.0 or 0.0). With no token counted since the last step there is no MaxVio entry, a
-            warning says so, and no bias moves.
+            warning says so (and says to call `model.train()` when the model ran in eval mode), and no bias moves.
         """
         loads = self.loads  # (L, E)
         self._train_counts.reset()
+        ran_in_eval_mode, self._uncounted_eval_forwards = self._uncounted_eval_forwards, False
         self._all_reduce(loads)
         loads = loads.cpu()
         counted = loads.sum(dim=-1) > 0  # (L,)
         any_counted = bool(counted.any())
         stats = maxvio(loads, self.layers).metrics("maxvio_batch")
         if not any_counted:
+            reason = (
+                "the model ran in eval mode, whose forwards never count toward the biases: call model.train() "
+                "before training (from_pretrained returns a model in eval mode)."
+                if ran_in_eval_mode
+                else "counting needs training-mode forwards of the model the balancer is attached to."
+            )
             warnings.warn(
-                "LossFreeBalancer.step(): no token was counted since the last step, so no bias moved. Counting "
-                "needs training-mode forwards of the model the balancer is attached to.",
+                f"LossFreeBalancer.step(): no token was counted since the last step, so no bias moved; {reason}",
                 stacklevel=2,
             )
         biases = [self._bias(index) for index in range(len(self))]
@@ -366,6 +372,7 @@ class LossFreeBalancer:
         return delta
 
     @staticmethod
+    @torch.no_grad()
     def _add_updates(biases: list[torch.Tensor], deltas: torch.Tensor):
         """`biases[i] += deltas[i]` in place, one fused `_foreach_add_` per device (one per step on a single GPU)."""
         by_device: dict[torch.device, list[int]] = {}
@@ -478,6 +485,7 @@ class LossFreeBalancer:
         if not sinks and router.module.training:
             sinks = [self._train_counts]
         if not sinks:
+            self._uncounted_eval_forwards = True
             return
         token_mask = self._token_mask(topk_indices.size(0), topk_indices.device)
         for counts in sinks:
