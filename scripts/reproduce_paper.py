@@ -5,7 +5,7 @@ order, for several seeds; the results folder gets a Markdown table in the paper'
 (results.json), the MaxVio_batch curves (maxvio_batch_<comparison>.png) and per-expert load heatmaps
 (expert_loads_<method>.png).
 
-    python scripts/reproduce_paper.py --quick --output_dir results_quick     # smoke test: under a minute
+    python scripts/reproduce_paper.py --quick --output_dir results_quick     # pipeline check: under a minute
     python scripts/reproduce_paper.py --output_dir results                   # 3 methods x 3 seeds: ~35 min, 2 cores
     python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 10 methods
     python scripts/reproduce_paper.py --device cuda --hidden_size 512 --max_steps 5000 --output_dir results_gpu
@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None):
     settings = describe_settings(scale, blocks, vocab_size, data, seeds)
     settings["execution"] = f"{execution.describe()}; wall time covers training and evaluation"
     results = replay(comparisons, seeds, scale, blocks, vocab_size, execution)
-    output_dir = write_outputs(replay_args.output_dir, comparisons, results, settings, scale)
-    print(f"Results in {output_dir}: results.md, results.json, maxvio_batch_*.png, expert_loads_*.png")
+    output_dir = write_outputs(replay_args.output_dir, comparisons, results, settings, scale, replay_args.quick)
+    kind = "Pipeline check (--quick, not a result)" if replay_args.quick else "Results"
+    print(f"{kind} in {output_dir}: results.md, results.json, maxvio_batch_*.png, expert_loads_*.png")
 
 
 if __name__ == "__main__":
