@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hf_lossfree_moe import LossFreeMoeConfig, add_balancing_callback
 from hf_lossfree_moe.data import TextDataArguments, TextDatasets, tokenize_and_group, train_bpe_tokenizer
-from hf_lossfree_moe.model_card import render_model_card
+from hf_lossfree_moe.model_card import render_model_card, sample_prompt
 from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, RoutingHistory, RoutingHistoryRecorder, draw_run_plots
 
 
@@ -396,7 +396,9 @@ def package(
         job.model.num_parameters(),
         trainer.state.log_history,
         model_name=output_dir.name,
-        repo_id=trainer.hub_model_id or str(output_dir),
+        # The Hub repository, or the folder's own name: the card travels with the folder, not with this machine.
+        repo_id=trainer.hub_model_id or output_dir.name,
+        sample_prompt=sample_prompt(job.text.splits["validation"][data_args.text_column_name]),
         dataset_description=job.text.source,
         eval_split_description=job.text.validation_source,
         block_size=job.block_size,

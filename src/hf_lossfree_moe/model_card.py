@@ -2,11 +2,16 @@
 
 Metrics come from the Trainer's `log_history`, so the card states exactly what the run logged. Rendering goes
 through `huggingface_hub.ModelCard.from_template`, which writes the YAML header (license, tags, `library_name`,
-`pipeline_tag`, model-index) the Hub reads.
+`pipeline_tag`, model-index) the Hub reads. The templates ship inside the package, so an installed wheel renders
+cards as a clone does.
 """
 
+import json
 import math
 import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -15,11 +20,36 @@ from .configuration_lossfree_moe import LossFreeMoeConfig
 from .plotting import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
 
 
-# The template lives in the repository next to `src/`: model cards are written by the scripts of a checkout.
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "lossfree_moe.md"
+DEFAULT_TEMPLATE = "lossfree_moe.md"
 LICENSE = "apache-2.0"
 TAGS = ["mixture-of-experts", "moe", "loss-free-balancing", "deepseek-moe", "custom_code"]
 PAPER = "arxiv:2408.15664"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the text of optimizer steps `first_step` to `last_step` (1-based, inclusive) came from."""
+
+    description: str
+    first_step: int
+    last_step: int
+
+
+def sample_prompt(documents: Iterable[str], words: int = 4) -> str:
+    """The first `words` words of the first non-blank document: a prompt that fits the text the model learned."""
+    for document in documents:
+        if document.split():
+            return " ".join(document.split()[:words])
+    raise ValueError("sample_prompt needs at least one document with a word in it.")
+
+
+def check_data_sources(data_sources: Sequence[DataSource], train_steps: int) -> None:
+    """Raise `ValueError` unless the sources cover steps 1 to `train_steps` in order, each step once."""
+    bounds = [(source.first_step, source.last_step) for source in data_sources]
+    expected_first = [1] + [last + 1 for _, last in bounds[:-1]]
+    contiguous = [first for first, _ in bounds] == expected_first and all(first <= last for first, last in bounds)
+    if not bounds or not contiguous or bounds[-1][1] != train_steps:
+        raise ValueError(f"data_sources must cover steps 1 to {train_steps} in order, each step once, got {bounds}.")
 
 
 def count_active_parameters(config: LossFreeMoeConfig, num_parameters: int) -> int:
@@ -75,12 +105,26 @@ def render_model_card(
     block_size: int,
     tokens_per_step: int,
     learning_rate: float,
+    sample_prompt: str,
     dataset_id: str | None = None,
     base_model: str | None = None,
-    template_path: str | os.PathLike = DEFAULT_TEMPLATE,
+    data_sources: Sequence[DataSource] | None = None,
+    template_path: str | os.PathLike | None = None,
 ) -> ModelCard:
-    """Render the card of a finished run. `dataset_id` (a Hub dataset) and `base_model` go into the metadata."""
+    """Render the card of a finished run.
+
+    `sample_prompt` starts the usage example (text like the training data); `dataset_id` (a Hub dataset) and
+    `base_model` go into the metadata. `data_sources` lists the text of each stretch of steps when a resumed run
+    switched data; by default `dataset_description` covers every step. `template_path` defaults to the packaged
+    template.
+    """
     metrics = final_metrics(log_history)
+    data_sources = list(data_sources or [DataSource(dataset_description, 1, metrics["train_steps"])])
+    check_data_sources(data_sources, metrics["train_steps"])
+    if template_path is None:
+        template = files(__package__).joinpath("model_cards").joinpath(DEFAULT_TEMPLATE).read_text(encoding="utf-8")
+    else:
+        template = Path(template_path).read_text(encoding="utf-8")
     eval_dataset = {"dataset_type": dataset_id or "custom", "dataset_name": dataset_id or dataset_description}
     card_data = ModelCardData(
         model_name=model_name,
@@ -112,7 +156,7 @@ def render_model_card(
     maxvio_rows = [(f"layer {layer}", value) for layer, value in metrics.pop("maxvio_global_per_layer").items()]
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=template,
         model_name=model_name,
         repo_id=repo_id,
         config=config,
@@ -126,5 +170,7 @@ def render_model_card(
         learning_rate=learning_rate,
         plots={"maxvio_batch": MAXVIO_PLOT, "eval_load_heatmap": LOAD_HEATMAP_PLOT, "bias_trajectories": BIAS_PLOT},
         maxvio_rows=maxvio_rows,
+        sample_prompt=json.dumps(sample_prompt, ensure_ascii=False),  # a JSON string is a valid Python literal
+        data_sources=data_sources,
         **metrics,
     )
