@@ -15,6 +15,7 @@ a training step needs, the cost of balancing (`loss_free` with the balancer vs. 
     python scripts/benchmark.py --quick --output_json /tmp/bench.json  # a tiny smoke run
 """
 
+import argparse
 import ctypes
 import gc
 import json
@@ -93,7 +94,9 @@ class BenchmarkArguments:
     balancer_experts: int = field(default=64, metadata={"help": "Experts per router of that model."})
     balancer_repeats: int = field(default=50, metadata={"help": "Timed `balancer.step()` calls (median)."})
     quick: bool = field(default=False, metadata={"help": "Tiny shape, one round: checks the script, not the speed."})
-    output_json: str = field(default="benchmark.json", metadata={"help": "Where to write the results as JSON."})
+    output_json: str | None = field(
+        default=None, metadata={"help": "Also write every number to this JSON file. Default: only print the table."}
+    )
 
     def __post_init__(self):
         if self.quick:
@@ -570,13 +573,16 @@ def _span(values: list[float] | None) -> str:
     return "n/a" if values is None else f"{values[0]:.2f}-{values[1]:.2f}"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(args=argv)
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser(
+        BenchmarkArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     report = run(args)
     print(format_table(report))
-    Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.output_json}")
-    return report
+    if args.output_json is not None:
+        Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.output_json}")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@
 Every method trains the same-shape DeepSeekMoE-style model from the same initial weights, on the same data in the same
 order, for several seeds; the results folder gets a Markdown table in the paper's format (results.md), every number
 (results.json), the MaxVio_batch curves (maxvio_batch_<comparison>.png) and per-expert load heatmaps
-(expert_loads_<method>.png).
+(expert_loads_<method>.png). Installed, it is the `hf-lossfree-moe-reproduce` command.
 
-    python scripts/reproduce_paper.py --quick --output_dir results_quick     # smoke test: under a minute
+    python scripts/reproduce_paper.py --quick --output_dir results_quick     # pipeline check: under a minute
     python scripts/reproduce_paper.py --output_dir results                   # 3 methods x 3 seeds: ~35 min, 2 cores
     python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 10 methods
     python scripts/reproduce_paper.py --device cuda --hidden_size 512 --max_steps 5000 --output_dir results_gpu
 """
 
+import argparse
 import sys
 from dataclasses import dataclass, field, fields, make_dataclass, replace
 
@@ -87,7 +88,11 @@ ScaleArguments = make_dataclass(
 
 
 def main(argv: list[str] | None = None):
-    parser = HfArgumentParser((ReplayArguments, ScaleArguments, DataArguments))
+    parser = HfArgumentParser(
+        (ReplayArguments, ScaleArguments, DataArguments),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     replay_args, scale_args, data_args = parser.parse_args_into_dataclasses(args=argv)
     overrides = {name: value for name, value in vars(scale_args).items() if value is not None}
     scale = replace(QUICK_SCALE if replay_args.quick else DEFAULT_SCALE, **overrides)
@@ -102,8 +107,9 @@ def main(argv: list[str] | None = None):
     settings = describe_settings(scale, blocks, vocab_size, data, seeds)
     settings["execution"] = f"{execution.describe()}; wall time covers training and evaluation"
     results = replay(comparisons, seeds, scale, blocks, vocab_size, execution)
-    output_dir = write_outputs(replay_args.output_dir, comparisons, results, settings, scale)
-    print(f"Results in {output_dir}: results.md, results.json, maxvio_batch_*.png, expert_loads_*.png")
+    output_dir = write_outputs(replay_args.output_dir, comparisons, results, settings, scale, replay_args.quick)
+    kind = "Pipeline check (--quick, not a result)" if replay_args.quick else "Results"
+    print(f"{kind} in {output_dir}: results.md, results.json, maxvio_batch_*.png, expert_loads_*.png")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,19 @@ ships with Python, with a BPE tokenizer trained on the fly: minutes on a laptop 
 then holds safetensors weights, the model code (`trust_remote_code=True`), the tokenizer, `trainer_state.json`,
 plots and a README.md model card. Everything else is run_clm: `--dataset_name` or `--train_file` for real data,
 `--model_name_or_path` to continue training, `--resume_from_checkpoint`, `--push_to_hub`, and every
-`TrainingArguments` flag.
+`TrainingArguments` flag. Resuming restores the run: every argument not given again, data included, comes from the
+checkpoint's run, and the output folder is the checkpoint's parent.
 
-    python scripts/train.py                                    # the default job, what `make train` runs
-    python scripts/train.py --dataset_name roneneldan/TinyStories --tokenizer_name gpt2 \\
+Installed, it is the `hf-lossfree-moe-train` command; from a clone, `python scripts/train.py`:
+
+    hf-lossfree-moe-train                                      # the default job, what `make train` runs
+    hf-lossfree-moe-train --dataset_name roneneldan/TinyStories --tokenizer_name gpt2 \\
         --config_overrides '{"hidden_size": 512, "num_hidden_layers": 8}' --output_dir outputs/tinystories
-    python scripts/train.py args.json                          # every argument from one JSON file
+    hf-lossfree-moe-train --resume_from_checkpoint outputs/tinystories/checkpoint-250
+    hf-lossfree-moe-train args.json                            # every argument from one JSON file
 """
 
+import argparse
 import json
 import math
 import os
@@ -21,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from huggingface_hub.errors import StrictDataclassError
 from transformers import (
@@ -39,10 +45,20 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_lossfree_moe import LossFreeMoeConfig, add_balancing_callback, export_to_glm4_moe
+from hf_lossfree_moe.configuration_lossfree_moe import BiasType, BiasUpdateRule, LoadBalancing, ScoringFunc
 from hf_lossfree_moe.data import TextDataArguments, TextDatasets, tokenize_and_group, train_bpe_tokenizer
 from hf_lossfree_moe.export import check_glm4_moe_compatible
-from hf_lossfree_moe.model_card import render_model_card
+from hf_lossfree_moe.model_card import DataSource, render_model_card, sample_prompt
 from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, RoutingHistory, RoutingHistoryRecorder, draw_run_plots
+from hf_lossfree_moe_scripts.run_record import (
+    RUN_RECORD_FILE,
+    RunRecord,
+    RunRecordCallback,
+    given_arguments,
+    recordable,
+    resume_arguments,
+    with_absolute_paths,
+)
 
 
 DEFAULT_OUTPUT_DIR = "outputs/lossfree-moe-tiny"
@@ -64,6 +80,7 @@ TINY_CONFIG = {
 }
 # The tiny job's training settings; any flag or argument-file key overrides them. 500 steps of 8 x 256 tokens are
 # about 2.7 passes over the embedded corpus: loss falls from 8.3 to about 4.5 and the biases have time to balance.
+# Pinned host memory only helps copies to an accelerator; without one, the DataLoader warns about it.
 TRAINING_DEFAULTS = {
     "output_dir": DEFAULT_OUTPUT_DIR,
     "do_train": True,
@@ -78,6 +95,7 @@ TRAINING_DEFAULTS = {
     "logging_steps": 10,
     "save_steps": 250,
     "save_total_limit": 1,
+    "dataloader_pin_memory": torch.accelerator.is_available(),
 }
 BALANCING_FIELDS = (
     "load_balancing",
@@ -109,22 +127,22 @@ class ModelArguments:
             '"n_routed_experts": 32}\'.'
         },
     )
-    load_balancing: str | None = field(
+    load_balancing: LoadBalancing | None = field(
         default=None, metadata={"help": "loss_free, aux_loss (the paper's baseline) or none. Default: the config's."}
     )
     bias_update_rate: float | None = field(
         default=None, metadata={"help": "Bias update rate u (the paper: 1e-3). Default: the config's."}
     )
-    bias_update_rule: str | None = field(
+    bias_update_rule: BiasUpdateRule | None = field(
         default=None, metadata={"help": "sign (Algorithm 1) or error. Default: the config's."}
     )
-    bias_type: str | None = field(
+    bias_type: BiasType | None = field(
         default=None, metadata={"help": "additive or multiplicative. Default: the config's."}
     )
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the sequence-wise balance loss. Default: the config's."}
     )
-    scoring_func: str | None = field(
+    scoring_func: ScoringFunc | None = field(
         default=None, metadata={"help": "Gate: sigmoid (the paper) or softmax. Default: the config's."}
     )
     overwrite_output_dir: bool = field(
@@ -158,6 +176,13 @@ class DataArguments(TextDataArguments):
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many validation blocks."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    resume_with_new_data: bool = field(
+        default=False,
+        metadata={
+            "help": "With --resume_from_checkpoint: train on the data source given now although the checkpoint's "
+            "run read another (the model card lists the steps of each)."
+        },
+    )
 
 
 @dataclass
@@ -172,6 +197,7 @@ class Job:
     block_size: int
     checkpoint: str | None
     history: RoutingHistory | None
+    record: RunRecord
 
 
 class CardKeepingTrainer(Trainer):
@@ -181,20 +207,50 @@ class CardKeepingTrainer(Trainer):
         return None
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """run_clm convention: a single `.json` argument is a file holding every argument. Both ways start from
-    `TRAINING_DEFAULTS`, kept out of a `TrainingArguments` subclass so `training_args.bin` unpickles anywhere."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+def argument_parser() -> HfArgumentParser:
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments, RunRecord]:
+    """The arguments of this run and its record (see run_record.py).
+
+    run_clm convention: a single `.json` argument is a file holding every argument. Either way they start from
+    `TRAINING_DEFAULTS`, kept out of a `TrainingArguments` subclass so `training_args.bin` unpickles anywhere; a
+    resumed run takes those not given again from the checkpoint's run.
+    """
     if len(argv) == 1 and argv[0].endswith(".json"):
-        if not os.path.isfile(argv[0]):
-            raise ValueError(f"Argument file not found: {argv[0]}")
-        try:
-            arguments = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"Argument file {argv[0]} is not valid JSON: {error}.") from None
-        return parser.parse_dict({**TRAINING_DEFAULTS, **arguments})
-    parser.set_defaults(**TRAINING_DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=argv)
+        given = read_argument_file(argv[0])
+    else:
+        argument_parser().parse_args(argv)  # --help, unknown flags and invalid choices stop here, as in argparse
+        given = given_arguments(argument_parser(), argv)
+    given = with_absolute_paths(given)
+    record = RunRecord(recordable(given))
+    checkpoint = given.get("resume_from_checkpoint")
+    if given.get("resume_with_new_data") and checkpoint is None:
+        raise ValueError("--resume_with_new_data only applies with --resume_from_checkpoint.")
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)
+        given, record, restored = resume_arguments(checkpoint, given)
+        restored_flags = f" with its run's {', '.join('--' + name for name in restored)}" if restored else ""
+        print(f"Resuming from {checkpoint}{restored_flags}; output folder: {given['output_dir']}")
+    model_args, data_args, training_args = argument_parser().parse_dict({**TRAINING_DEFAULTS, **given})
+    return model_args, data_args, training_args, record
+
+
+def read_argument_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"Argument file not found: {path}")
+    try:
+        arguments = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Argument file {path} is not valid JSON: {error}.") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"Argument file {path} must hold a JSON object of arguments, got {type(arguments).__name__}.")
+    return arguments
 
 
 def build_config(model_args: ModelArguments) -> PreTrainedConfig:
@@ -203,6 +259,8 @@ def build_config(model_args: ModelArguments) -> PreTrainedConfig:
     Rebuilt through `from_dict`, so the config's own checks judge every changed value.
     """
     overrides = model_args.balancing_overrides()
+    check_pretrained_name(model_args.model_name_or_path, "--model_name_or_path")
+    check_pretrained_name(model_args.config_name, "--config_name")
     if model_args.model_name_or_path is not None:
         if model_args.config_name is not None or model_args.config_overrides is not None:
             raise ValueError(
@@ -226,6 +284,17 @@ def build_config(model_args: ModelArguments) -> PreTrainedConfig:
     if model_args.model_name_or_path is None and model_args.config_overrides is not None:
         overrides = {**parse_config_overrides(model_args.config_overrides, base), **overrides}
     return type(base).from_dict({**base.to_dict(), **overrides})
+
+
+def check_pretrained_name(name: str | None, argument: str) -> None:
+    """A name written as a local path must exist; otherwise the Hub would reject it as a malformed repository id."""
+    if name is None or os.path.exists(name):
+        return
+    written_as_path = name.startswith((".", "/", "~")) or name.endswith("/") or "\\" in name or name.count("/") > 1
+    if written_as_path:
+        raise ValueError(
+            f"{argument} {name}: no such folder (a Hub repository id has the form 'name' or 'namespace/name')."
+        )
 
 
 def parse_config_overrides(text: str, base: PreTrainedConfig) -> dict:
@@ -298,6 +367,7 @@ def load_tokenizer(
     config: PreTrainedConfig,
 ) -> PreTrainedTokenizerBase:
     """The named tokenizer, else the continued model's or checkpoint's, else a BPE trained on the training text."""
+    check_pretrained_name(data_args.tokenizer_name, "--tokenizer_name")
     source = data_args.tokenizer_name or model_args.model_name_or_path or checkpoint
     if source is not None:
         return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, token=model_args.token)
@@ -305,15 +375,18 @@ def load_tokenizer(
     return train_bpe_tokenizer(train_texts, config.vocab_size, config.max_position_embeddings)
 
 
-def prepare(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> Job:
+def prepare(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, record: RunRecord
+) -> Job:
     """Check every input and build model and data; any bad input raises `ValueError` before training starts."""
     config = build_config(model_args)
     if model_args.export_glm4_moe:
         check_glm4_moe_compatible(config)
     block_size = resolve_block_size(data_args.block_size, config)
     checkpoint = training_args.resume_from_checkpoint
-    check_checkpoint(checkpoint)
     text = data_args.load(cache_dir=model_args.cache_dir, token=model_args.token)
+    if training_args.do_train:
+        record.start_training(text.source)
     tokenizer = load_tokenizer(model_args, data_args, checkpoint, text, config)
     if model_args.model_name_or_path is None:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
@@ -342,7 +415,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, training_args:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
 
-    return Job(model, tokenizer, text, train_dataset, eval_dataset, block_size, checkpoint, load_history(checkpoint))
+    history = load_history(checkpoint)
+    return Job(model, tokenizer, text, train_dataset, eval_dataset, block_size, checkpoint, history, record)
 
 
 def load_history(checkpoint: str | None) -> RoutingHistory | None:
@@ -365,6 +439,7 @@ def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training
     balancing = add_balancing_callback(trainer)
     recorder = RoutingHistoryRecorder(balancing, job.history)
     trainer.add_callback(recorder)
+    trainer.add_callback(RunRecordCallback(job.record))
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=job.checkpoint)
@@ -407,6 +482,8 @@ def package(
     output_dir = Path(args.output_dir)
     trainer.save_state()
     history.save(output_dir / ROUTING_HISTORY_FILE)
+    job.record.end_at(trainer.state.global_step)
+    job.record.save(output_dir / RUN_RECORD_FILE)
     if not (args.do_train and args.do_eval):
         return
     plots = draw_run_plots(output_dir)
@@ -415,7 +492,13 @@ def package(
         job.model.num_parameters(),
         trainer.state.log_history,
         model_name=output_dir.name,
-        repo_id=trainer.hub_model_id or str(output_dir),
+        # The Hub repository, or the folder's own name: the card travels with the folder, not with this machine.
+        repo_id=trainer.hub_model_id or output_dir.name,
+        sample_prompt=sample_prompt(job.text.splits["validation"][data_args.text_column_name]),
+        data_sources=[
+            DataSource(segment.description, segment.first_step, segment.last_step)
+            for segment in job.record.data_sources
+        ],
         dataset_description=job.text.source,
         eval_split_description=job.text.validation_source,
         block_size=job.block_size,
@@ -451,10 +534,10 @@ def print_summary(output_dir: Path, plots: list[Path], metrics: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        model_args, data_args, training_args = parse_arguments(argv)
-        job = prepare(model_args, data_args, training_args)
+        model_args, data_args, training_args, record = parse_arguments(argv)
+        job = prepare(model_args, data_args, training_args, record)
     except (ValueError, OSError, StrictDataclassError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit("error: " + " ".join(str(error).split())) from None
     run(job, model_args, data_args, training_args)
 
 

@@ -1,4 +1,5 @@
 import copy
+import inspect
 import threading
 import warnings
 
@@ -237,6 +238,29 @@ def test_step_without_tokens_changes_nothing_and_says_so(model):
         "bias_updated": 0.0,
     }
     assert torch.equal(balancer.biases(), torch.zeros(2, 8))
+
+
+def test_step_after_eval_mode_forwards_says_call_train_at_the_callers_line(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = LossFreeMoeForCausalLM.from_pretrained(tmp_path)  # in eval mode, as from_pretrained leaves every model
+    balancer = LossFreeBalancer(loaded)
+    loaded(torch.randint(3, 128, (2, 6)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        stats = balancer.step()
+    [warning] = caught
+    assert (warning.filename, warning.lineno) == (__file__, line)  # the user's call, not torch's no_grad wrapper
+    assert "call model.train()" in str(warning.message)
+    assert stats["bias_updated"] == 0.0
+
+    loaded.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        balancer.step()  # no forward at all since the last step: nothing ran in eval mode, no advice to call train()
+    assert "no token was counted" in str(caught[0].message) and "model.train()" not in str(caught[0].message)
+    loaded(torch.randint(3, 128, (2, 6)))
+    assert balancer.step()["bias_updated"] == 1.0
 
 
 @pytest.mark.parametrize("kwargs", [{"frozen": True}, {"update_rate": 0.0}])

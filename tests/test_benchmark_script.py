@@ -71,6 +71,15 @@ def test_quick_run_reports_every_contender(quick_run):
         assert result["train_step_peak_mb"] is None or result["train_step_peak_mb"] >= 0
 
 
+def test_without_output_json_only_the_table_is_printed(benchmark_script, quick_run, tmp_path, monkeypatch, capsys):
+    report, _ = quick_run
+    monkeypatch.setattr(benchmark_script, "run", lambda args: report)  # the timing itself is the quick run's
+    monkeypatch.chdir(tmp_path)
+    benchmark_script.main(["--quick"])
+    assert "LossFreeMoe sorted_mm" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working folder
+
+
 def test_quick_run_uses_the_same_shape_for_every_moe(quick_run):
     report, _ = quick_run
     params = {name: r["parameters"] for name, r in report["results"].items()}

@@ -4,7 +4,14 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hf_lossfree_moe import LossFreeMoeForCausalLM
-from hf_lossfree_moe.model_card import count_active_parameters, final_metrics, human_count, render_model_card
+from hf_lossfree_moe.model_card import (
+    DataSource,
+    count_active_parameters,
+    final_metrics,
+    human_count,
+    render_model_card,
+    sample_prompt,
+)
 
 
 LOG_HISTORY = [
@@ -34,6 +41,7 @@ def card(tiny_config):
         block_size=64,
         tokens_per_step=512,
         learning_rate=2e-3,
+        sample_prompt='She said "hi" and',
     )
 
 
@@ -75,7 +83,59 @@ def test_card_text_states_the_metrics_settings_and_usage(card):
     for plot in ("maxvio_batch.png", "eval_load_heatmap.png", "bias_trajectories.png"):
         assert f"]({plot})" in text
     assert 'AutoModelForCausalLM.from_pretrained("someone/lossfree-moe-tiny", trust_remote_code=True)' in text
+    assert "`hf-lossfree-moe-train --model_name_or_path someone/lossfree-moe-tiny`" in text
+    assert "- Data: the embedded corpus\n" in text
     assert "arXiv:2408.15664" in text
+
+
+def test_card_usage_example_is_valid_python_with_the_prompt(card):
+    usage = card.text.split("## Usage")[1].split("```python\n")[1].split("```")[0]
+    compile(usage, "usage", "exec")  # the prompt's quotes are escaped
+    assert 'inputs = tokenizer("She said \\"hi\\" and", return_tensors="pt")' in usage
+
+
+def test_sample_prompt_is_the_start_of_the_first_document_with_words():
+    assert sample_prompt(["", "  \n", "import os\nimport sys  # two modules", "later"]) == "import os import sys"
+    with pytest.raises(ValueError, match="at least one document with a word"):
+        sample_prompt(["", " "])
+
+
+def render_with_sources(tiny_config, data_sources):
+    config = tiny_config()
+    return render_model_card(
+        config,
+        LossFreeMoeForCausalLM(config).num_parameters(),
+        LOG_HISTORY,
+        model_name="m",
+        repo_id="m",
+        dataset_description="the local file `b.jsonl`",
+        eval_split_description="5% of it",
+        block_size=64,
+        tokens_per_step=512,
+        learning_rate=2e-3,
+        sample_prompt="a",
+        data_sources=data_sources,
+    )
+
+
+def test_card_lists_the_steps_of_each_data_source(tiny_config):
+    sources = [DataSource("the embedded corpus", 1, 12), DataSource("the local file `b.jsonl`", 13, 20)]
+    text = render_with_sources(tiny_config, sources).text
+    assert (
+        "- Data, by optimizer step:\n"
+        "  - steps 1-12 (12 steps): the embedded corpus\n"
+        "  - steps 13-20 (8 steps): the local file `b.jsonl`\n"
+        "- 20 optimizer steps"
+    ) in text
+
+
+@pytest.mark.parametrize(
+    "bounds", [[(1, 12), (14, 20)], [(1, 12), (12, 20)], [(2, 20)], [(1, 19)], [(1, 12), (13, 21)]]
+)
+def test_data_sources_must_cover_every_step_once(tiny_config, bounds):
+    sources = [DataSource(f"source {index}", first, last) for index, (first, last) in enumerate(bounds)]
+    with pytest.raises(ValueError, match="data_sources must cover steps 1 to 20 in order, each step once"):
+        render_with_sources(tiny_config, sources)
 
 
 def test_active_parameters_leave_out_the_unselected_experts(tiny_config):

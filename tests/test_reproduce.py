@@ -15,6 +15,7 @@ from hf_lossfree_moe_scripts.reproduce.methods import (
     select_comparisons,
 )
 from hf_lossfree_moe_scripts.reproduce.report import (
+    PIPELINE_CHECK_NOTE,
     markdown_report,
     markdown_table,
     moving_average,
@@ -58,13 +59,14 @@ def run_result(method: str, seed: int, perplexity: float, maxvio_global: float, 
         val_loss=math.log(perplexity),
         val_perplexity=perplexity,
         maxvio_global=maxvio_global,
-        maxvio_global_per_layer=[maxvio_global],
+        maxvio_global_per_layer={1: maxvio_global},
         maxvio_global_train=maxvio_global / 2,
         final_maxvio_batch=maxvio_batch,
         maxvio_batch=[maxvio_batch],
         bias_abs_max=[0.0],
         train_loss=[1.0],
         val_loads=[[1, 1]],
+        layers=[1],
         router_names=["model.layers.1.mlp.gate"],
         final_biases=[[0.0, 0.0]],
         wall_time_s=wall,
@@ -121,10 +123,22 @@ def test_one_seed_is_reported_without_a_spread(hand_made_results):
     assert "over 1 seed(s)" in report
 
 
+def test_only_a_pipeline_check_page_says_it_is_no_result(hand_made_results):
+    summary = summarize(hand_made_results)
+    assert "pipeline check" not in markdown_report([MAIN_COMPARISON], summary, {"seeds": [0, 1, 2]})
+    quick = markdown_report([MAIN_COMPARISON], summary, {"seeds": [0, 1, 2]}, pipeline_check=True)
+    assert quick.splitlines()[:3] == [
+        "# Auxiliary-loss-free load balancing: small-scale replay",
+        "",
+        PIPELINE_CHECK_NOTE,
+    ]
+
+
 def test_json_holds_every_run_and_the_summary(hand_made_results, tmp_path):
     path = tmp_path / "results.json"
     write_json(path, {"seeds": [0, 1, 2]}, TINY_SCALE, hand_made_results, summarize(hand_made_results))
     payload = json.loads(path.read_text())
+    assert payload["pipeline_check"] is False
     assert payload["settings"] == {"seeds": [0, 1, 2]}
     assert payload["scale"]["n_routed_experts"] == 8
     assert payload["summary"]["loss_free"]["val_perplexity"] == {"mean": 11.0, "std": 1.0, "n": 3}
@@ -227,6 +241,10 @@ def check_outputs(output_dir: Path, steps: int, comparisons: list[str]):
     for method in methods:
         run = runs[method.name]
         assert len(run["maxvio_batch"]) == steps
+        # Rows and per-layer values are numbered by decoder layer, as in the logs: layer 0 is dense.
+        moe_layers = list(range(1, len(run["val_loads"]) + 1))
+        assert run["layers"] == moe_layers
+        assert [int(layer) for layer in run["maxvio_global_per_layer"]] == moe_layers
         assert math.isfinite(run["val_perplexity"]) and run["val_perplexity"] > 1
         assert run["maxvio_global"] >= 0 and run["maxvio_global_train"] >= 0
         neutral = 1.0 if method.config.get("bias_type") == "multiplicative" else 0.0
@@ -244,6 +262,9 @@ def check_outputs(output_dir: Path, steps: int, comparisons: list[str]):
     report = (output_dir / "results.md").read_text()
     for method in methods:
         assert f"| {method.label} |" in report
+    # Every run here is --quick: its page and JSON say first that the numbers are no result.
+    assert report.splitlines()[2].startswith("**A pipeline check, not a result.**")
+    assert results["pipeline_check"] is True
     pngs = [f"maxvio_batch_{name}.png" for name in comparisons] + [f"expert_loads_{m.name}.png" for m in methods]
     for png in pngs:
         assert (output_dir / png).read_bytes()[:8] == PNG_MAGIC

@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_lossfree_moe import LossFreeMoeConfig
+from hf_lossfree_moe.data import embedded_datasets
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
@@ -34,7 +38,6 @@ FAST_TRAINING = [
     "--max_eval_samples", "8",
     "--logging_steps", "2",
     "--save_steps", "2",
-    "--dataloader_pin_memory", "false",
 ]  # fmt: skip
 FAST_RUN = ["--config_overrides", json.dumps(TINY_OVERRIDES), *FAST_TRAINING]
 # One intra-op thread: tiny matrices gain nothing from more, and spinning threads stall on a shared machine.
@@ -68,6 +71,7 @@ def trained(tmp_path_factory):
     command += FAST_RUN
     result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "pin_memory" not in result.stderr  # no pinned memory asked for on a machine without an accelerator
     return output_dir, result.stdout
 
 
@@ -82,6 +86,7 @@ def test_fast_run_leaves_a_complete_model_folder(trained):
         "tokenizer_config.json",
         "trainer_state.json",
         "routing_history.json",
+        "run_record.json",
         "README.md",
         "maxvio_batch.png",
         "eval_load_heatmap.png",
@@ -108,6 +113,36 @@ def test_fast_run_prints_and_records_the_final_metrics(trained):
     history = json.loads((output_dir / "routing_history.json").read_text())
     assert history["steps"] == [0, 2, 4]
     assert len(history["eval_loads"]) == 2 and len(history["eval_loads"][0]) == 8
+
+
+def test_every_output_numbers_layers_as_model_layers(trained):
+    """Layer 0 is dense, so the MoE layers are 1 and 2 in the logs, the JSON files and the card."""
+    output_dir, _ = trained
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    last_log = [entry for entry in state["log_history"] if "maxvio_batch" in entry][-1]
+    assert sorted(key for key in last_log if key.startswith("maxvio_batch/layer_")) == [
+        "maxvio_batch/layer_1",
+        "maxvio_batch/layer_2",
+    ]
+    evaluation = json.loads((output_dir / "eval_results.json").read_text())
+    assert sorted(key for key in evaluation if "/layer_" in key) == [
+        "eval_maxvio_global/layer_1",
+        "eval_maxvio_global/layer_2",
+    ]
+    assert json.loads((output_dir / "routing_history.json").read_text())["layers"] == [1, 2]
+    card = (output_dir / "README.md").read_text()
+    assert "| MaxVio_global, layer 1 |" in card and "| MaxVio_global, layer 2 |" in card
+
+
+def test_card_usage_names_the_folder_not_this_machine_and_prompts_with_the_data(trained):
+    output_dir, _ = trained
+    card = (output_dir / "README.md").read_text()
+    assert str(output_dir.parent) not in card
+    assert 'AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True)' in card
+    assert "`hf-lossfree-moe-train --model_name_or_path model`" in card
+    prompt = re.search(r"inputs = tokenizer\((.*), return_tensors", card).group(1)
+    first_held_out = embedded_datasets()["validation"][0]["text"]
+    assert json.loads(prompt) == " ".join(first_held_out.split()[:4])  # fits the training text, whatever it is
 
 
 def test_folder_loads_and_generates_without_the_package(trained):
@@ -142,24 +177,50 @@ def test_export_glm4_moe_leaves_a_stock_copy_with_the_same_logits(trained):
         torch.testing.assert_close(stock(**inputs).logits, original(**inputs).logits, rtol=0, atol=1e-5)
 
 
-def test_run_resumes_from_its_last_checkpoint_and_keeps_the_history(trained, train_script, tmp_path, one_thread):
+@pytest.fixture
+def small_jsonl(tmp_path):
+    """60 documents of 40 words, one JSON object per line."""
+    rng = random.Random(0)
+    words = "router expert token bias load balance layer score gate update sign mean step".split()
+    documents = [{"text": " ".join(rng.choice(words) for _ in range(40))} for _ in range(60)]
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(document) + "\n" for document in documents))
+    return path
+
+
+def test_resume_restores_the_run_and_switches_data_only_when_asked(
+    trained, train_script, tmp_path, small_jsonl, monkeypatch, one_thread
+):
     output_dir, _ = trained
-    resumed = tmp_path / "resumed"
-    train_script.main(
-        [
-            "--output_dir",
-            str(resumed),
-            "--max_steps",
-            "6",
-            "--resume_from_checkpoint",
-            str(output_dir / "checkpoint-4"),
-        ]
-        + FAST_RUN
-    )
-    state = json.loads((resumed / "trainer_state.json").read_text())
+    run = tmp_path / "run"
+    shutil.copytree(output_dir, run)
+    with pytest.raises(
+        SystemExit,
+        match=rf"run on the embedded corpus 'python-docs', but this run would read --train_file {re.escape(str(small_jsonl))}",
+    ):
+        train_script.main(["--resume_from_checkpoint", str(run / "checkpoint-4"), "--train_file", str(small_jsonl)])
+
+    # Asked for: steps 5-6 read the file; sizes, data flags and the output folder come from the run.
+    switch = ["--resume_with_new_data", "--train_file", str(small_jsonl), "--max_steps", "6"]
+    train_script.main(["--resume_from_checkpoint", str(run / "checkpoint-4"), *switch])
+    state = json.loads((run / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert [entry["step"] for entry in state["log_history"] if "maxvio_batch" in entry] == [2, 4, 6]
-    assert json.loads((resumed / "routing_history.json").read_text())["steps"] == [0, 2, 4, 6]
+    assert json.loads((run / "routing_history.json").read_text())["steps"] == [0, 2, 4, 6]
+
+    # From another folder, with nothing but a longer budget: the file, the sizes and the folder are the run's.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    train_script.main(["--resume_from_checkpoint", os.path.relpath(run / "checkpoint-6"), "--max_steps", "8"])
+    assert os.listdir(elsewhere) == []
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 8
+    assert json.loads((run / "config.json").read_text())["hidden_size"] == TINY_OVERRIDES["hidden_size"]
+    card = (run / "README.md").read_text()
+    assert "- Data, by optimizer step:\n" in card
+    assert "  - steps 1-4 (4 steps): the embedded corpus `python-docs`" in card
+    assert "  - steps 5-8 (4 steps): the local file `small.jsonl`\n" in card
+    assert "- 8 optimizer steps" in card
 
 
 def test_model_name_or_path_continues_training_with_new_balancing_flags(trained, train_script, tmp_path, one_thread):
@@ -199,19 +260,65 @@ def small_csv(tmp_path):
             ["--config_overrides", '{"num_experts_per_tok": 99}'],
             "num_experts_per_tok must be at most n_routed_experts",
         ),
-        (["--bias_update_rule", "cosine"], r"bias_update_rule must be one of \('sign', 'error'\), got 'cosine'"),
         (["--config_overrides", '{"n_experts": 4}'], r"\['n_experts'\] are not fields of LossFreeMoeConfig"),
         (["--config_overrides", "hidden_size=4"], "--config_overrides must be a JSON object"),
         (["--resume_from_checkpoint", "nowhere"], "no such checkpoint folder: nowhere"),
         (["--model_name_or_path", "."] + ["--config_overrides", "{}"], "with --model_name_or_path only the balancing"),
         (["--export_glm4_moe", "--bias_type", "multiplicative"], r"LossFreeMoeConfig.bias_type must be 'additive'"),
+        (["--model_name_or_path", "./no/such/model"], r"--model_name_or_path ./no/such/model: no such folder"),
+        (["--tokenizer_name", "outputs/no/tokenizer"], r"--tokenizer_name outputs/no/tokenizer: no such folder"),
+        (["--resume_with_new_data"], "--resume_with_new_data only applies with --resume_from_checkpoint"),
     ],
 )
 def test_bad_arguments_stop_before_training(train_script, tmp_path, arguments, message):
     output_dir = tmp_path / "out"
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=message) as stopped:
         train_script.main(["--output_dir", str(output_dir), *arguments])
+    assert str(stopped.value.code).startswith("error: ") and "\n" not in str(stopped.value.code)
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("documents", "message"),
+    [
+        ([], r"--train_file .*empty.jsonl is empty; it needs at least one document"),
+        (
+            [f"document {i} " * 20 for i in range(10)],
+            r"--validation_split_percentage 5 holds out no document of the 10 in --train_file .*ten.jsonl; pass "
+            r"--validation_file, or a --validation_split_percentage in \[6, 94\]",
+        ),
+    ],
+    ids=["empty", "ten"],
+)
+def test_too_little_data_stops_with_the_fix(train_script, tmp_path, documents, message):
+    path = tmp_path / ("empty.jsonl" if not documents else "ten.jsonl")
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    with pytest.raises(SystemExit, match=message) as stopped:
+        train_script.main(["--train_file", str(path), "--output_dir", str(tmp_path / "out")])
+    assert str(stopped.value.code).startswith("error: ") and "\n" not in str(stopped.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_choice_is_refused_with_the_allowed_values(train_script, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train_script.main(["--bias_update_rule", "cosine"])
+    assert stopped.value.code == 2
+    assert "error: argument --bias_update_rule/--bias-update-rule: invalid choice: 'cosine'" in capsys.readouterr().err
+
+
+def test_help_describes_the_script_and_lists_allowed_values(train_script, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train_script.main(["--help"])
+    assert stopped.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.split("\n\n")[1].startswith("Train a LossFreeMoe causal LM")
+    for flag, choices in [
+        ("load_balancing", "{loss_free,aux_loss,none}"),
+        ("bias_update_rule", "{sign,error}"),
+        ("bias_type", "{additive,multiplicative}"),
+        ("scoring_func", "{sigmoid,softmax}"),
+    ]:
+        assert f"--{flag} {choices}" in help_text
 
 
 def test_unknown_text_column_stops_before_training(train_script, tmp_path, small_csv):
@@ -245,7 +352,7 @@ def test_output_dir_without_a_model_needs_overwrite(train_script, tmp_path):
 def test_argument_file_is_read_as_a_config_file(train_script, tmp_path):
     arguments = {"output_dir": str(tmp_path / "out"), "bias_update_rate": 0.01, "block_size": 128, "max_steps": 7}
     (tmp_path / "args.json").write_text(json.dumps(arguments))
-    model_args, data_args, training_args = train_script.parse_arguments([str(tmp_path / "args.json")])
+    model_args, data_args, training_args, _ = train_script.parse_arguments([str(tmp_path / "args.json")])
     assert (model_args.bias_update_rate, data_args.block_size, training_args.max_steps) == (0.01, 128, 7)
     assert train_script.build_config(model_args).bias_update_rate == 0.01
 

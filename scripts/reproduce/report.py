@@ -73,12 +73,27 @@ def markdown_table(comparison: Comparison, summary: dict[str, dict[str, dict]]) 
     return "\n".join(lines)
 
 
-def markdown_report(comparisons: Sequence[Comparison], summary: dict[str, dict[str, dict]], settings: dict) -> str:
-    """The results page: the settings every run shared, then one table per comparison."""
+PIPELINE_CHECK_NOTE = (
+    "**A pipeline check, not a result.** This `--quick` run trains a tiny model for a few dozen steps to show that "
+    "every part of the replay works. Routing collapses in the first steps and the bias updates (u = 1e-3 per step) "
+    "need hundreds of steps to undo that, so the numbers below say nothing about how the methods compare; run "
+    "without `--quick` for that."
+)
+
+
+def markdown_report(
+    comparisons: Sequence[Comparison],
+    summary: dict[str, dict[str, dict]],
+    settings: dict,
+    pipeline_check: bool = False,
+) -> str:
+    """The results page: the settings every run shared, then one table per comparison; a `pipeline_check` page
+    says first that its numbers are no result."""
     seeds = settings["seeds"]
     lines = [
         "# Auxiliary-loss-free load balancing: small-scale replay",
         "",
+        *([PIPELINE_CHECK_NOTE, ""] if pipeline_check else []),
         *(f"- {key.replace('_', ' ')}: {value}" for key, value in settings.items()),
         "",
         f"Each cell is the mean ± sample standard deviation over {len(seeds)} seed(s). Validation perplexity is the "
@@ -92,9 +107,18 @@ def markdown_report(comparisons: Sequence[Comparison], summary: dict[str, dict[s
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: str | Path, settings: dict, scale: Scale, results: Sequence[RunResult], summary: dict) -> None:
-    """All numbers: the shared settings and scale, the per-method summary and every run (curves and loads too)."""
+def write_json(
+    path: str | Path,
+    settings: dict,
+    scale: Scale,
+    results: Sequence[RunResult],
+    summary: dict,
+    pipeline_check: bool = False,
+) -> None:
+    """All numbers: whether they are only a pipeline check, the shared settings and scale, the per-method summary and
+    every run (curves and loads too)."""
     payload = {
+        "pipeline_check": pipeline_check,
         "settings": settings,
         "scale": asdict(scale),
         "summary": summary,
@@ -170,14 +194,16 @@ def write_outputs(
     results: Sequence[RunResult],
     settings: dict,
     scale: Scale,
+    pipeline_check: bool = False,
 ) -> Path:
     """results.md, results.json, maxvio_batch_<comparison>.png per comparison and expert_loads_<method>.png per
-    method (the validation loads of its first seed)."""
+    method (the validation loads of its first seed). `pipeline_check` marks the results of a `--quick` run."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
-    (output_dir / "results.md").write_text(markdown_report(comparisons, summary, settings), encoding="utf-8")
-    write_json(output_dir / "results.json", settings, scale, results, summary)
+    report = markdown_report(comparisons, summary, settings, pipeline_check)
+    (output_dir / "results.md").write_text(report, encoding="utf-8")
+    write_json(output_dir / "results.json", settings, scale, results, summary, pipeline_check)
     for comparison in comparisons:
         plot_maxvio_batch_by_method(comparison, results, output_dir / f"maxvio_batch_{comparison.name}.png")
     for method in methods_of(comparisons):

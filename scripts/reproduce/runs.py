@@ -178,7 +178,9 @@ class RunSpec:
 @dataclass
 class RunResult:
     """Numbers of one run. Curves have one value per optimizer step; `train_loss` is the Trainer's (with an aux-loss
-    model, its balance term included). Loads are (MoE layers, experts) token counts over the validation split.
+    model, its balance term included). Loads are (MoE layers, experts) token counts over the validation split; the
+    rows of loads and biases belong to the decoder layers `layers` (`model.model.layers[i]`), which also key
+    `maxvio_global_per_layer`.
 
     `maxvio_global_train` is MaxVio_global over as many training blocks as there are validation blocks, spread evenly
     over the training split and measured the same way after training: set against `maxvio_global`, it tells how much
@@ -190,13 +192,14 @@ class RunResult:
     val_loss: float
     val_perplexity: float
     maxvio_global: float
-    maxvio_global_per_layer: list[float]
+    maxvio_global_per_layer: dict[int, float]
     maxvio_global_train: float
     final_maxvio_batch: float
     maxvio_batch: list[float]
     bias_abs_max: list[float]
     train_loss: list[float]
     val_loads: list[list[int]]
+    layers: list[int]
     router_names: list[str]
     final_biases: list[list[float]]
     wall_time_s: float
@@ -259,6 +262,7 @@ def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
         seed=spec.seed,
         data_seed=spec.seed,
         dataloader_drop_last=True,
+        dataloader_pin_memory=spec.execution.device != "cpu",
         use_cpu=spec.execution.device == "cpu",
         bf16=spec.execution.bf16,
         disable_tqdm=True,
@@ -291,13 +295,14 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         val_loss=val_loss,
         val_perplexity=math.exp(val_loss),
         maxvio_global=held_out.mean,
-        maxvio_global_per_layer=list(held_out.per_layer.values()),
+        maxvio_global_per_layer=held_out.per_layer,
         maxvio_global_train=maxvio(seen_loads, balancer.layers).mean,
         final_maxvio_batch=final_mean(maxvio_batch),
         maxvio_batch=maxvio_batch,
         bias_abs_max=[log["bias_abs_max"] for log in steps],
         train_loss=[log["loss"] for log in steps],
         val_loads=loads.tolist(),
+        layers=balancer.layers,
         router_names=list(balancer.names),
         final_biases=balancer.biases().tolist(),
         wall_time_s=time.perf_counter() - start,

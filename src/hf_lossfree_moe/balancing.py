@@ -253,6 +253,7 @@ class LossFreeBalancer:
         }
         self._not_in_adapter = _biases_left_out_of_adapter(model, found)
         self._warned_adapter = False
+        self._uncounted_eval_forwards = False  # since the last step(): eval-mode router calls no measurement took
         for index, router in enumerate(found):
             _BALANCER_OF_ROUTER[router.module] = self
             self._prepare_bias(index)
@@ -310,7 +311,6 @@ class LossFreeBalancer:
     def __len__(self) -> int:
         return len(self._routers)
 
-    @torch.no_grad()
     def step(self) -> dict[str, float]:
         """Update every bias from the loads of the whole optimizer step, then reset the counts.
 
@@ -333,10 +333,11 @@ class LossFreeBalancer:
             the layer number of `layers`), `maxvio_batch/skipped_layers` (how many layers received no token, when
             any did not), `bias_abs_max` and `bias_abs_mean` (distance from the neutral bias, 0 or 1), and
             `bias_updated` (1.0 or 0.0). With no token counted since the last step there is no MaxVio entry, a
-            warning says so, and no bias moves.
+            warning says so (and says to call `model.train()` when the model ran in eval mode), and no bias moves.
         """
         loads = self.loads  # (L, E)
         self._train_counts.reset()
+        ran_in_eval_mode, self._uncounted_eval_forwards = self._uncounted_eval_forwards, False
         self._all_reduce(loads)
         loads = loads.cpu()
         counted = loads.sum(dim=-1) > 0  # (L,)
@@ -344,12 +345,15 @@ class LossFreeBalancer:
         stats = maxvio(loads, self.layers).metrics("maxvio_batch")
         if not any_counted:
             reason = (
-                "Counting needs training-mode forwards of the model the balancer is attached to."
-                if self.attached
-                else "This balancer is detached: `remove()` was called or a newer balancer took over the routers."
+                "this balancer is detached: `remove()` was called or a newer balancer took over the routers."
+                if not self.attached
+                else "the model ran in eval mode, whose forwards never count toward the biases: call model.train() "
+                "before training (from_pretrained returns a model in eval mode)."
+                if ran_in_eval_mode
+                else "counting needs training-mode forwards of the model the balancer is attached to."
             )
             warnings.warn(
-                f"LossFreeBalancer.step(): no token was counted since the last step, so no bias moved. {reason}",
+                f"LossFreeBalancer.step(): no token was counted since the last step, so no bias moved; {reason}",
                 stacklevel=2,
             )
         biases = [self._bias(index) for index in range(len(self))]
@@ -401,6 +405,7 @@ class LossFreeBalancer:
         return delta
 
     @staticmethod
+    @torch.no_grad()
     def _add_updates(biases: list[torch.Tensor], deltas: torch.Tensor):
         """`biases[i] += deltas[i]` in place, one fused `_foreach_add_` per device (one per step on a single GPU)."""
         by_device: dict[torch.device, list[int]] = {}
@@ -557,6 +562,7 @@ class LossFreeBalancer:
         if not sinks and router.module.training and not self._generation.active:
             sinks = [self._train_counts]
         if not sinks:
+            self._uncounted_eval_forwards |= not router.module.training
             return
         token_mask = self._token_mask(topk_indices.size(0), topk_indices.device)
         for counts in sinks:

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -75,12 +76,23 @@ def embedded_datasets(validation_split_percentage: int = 5) -> DatasetDict:
 
 
 def check_data_file(path: str, argument: str) -> None:
-    """Raise `ValueError` naming `argument` unless `path` is an existing file `datasets` can read as text."""
+    """Raise `ValueError` naming `argument` unless `path` is an existing, non-blank file `datasets` can read as text."""
     if not os.path.isfile(path):
         raise ValueError(f"{argument}: no such file: {path}")
     extension = path.rsplit(".", 1)[-1].lower()
     if extension not in FILE_LOADERS:
         raise ValueError(f"{argument} must end in one of {sorted(FILE_LOADERS)}, got {path}")
+    if not _has_text(path):
+        raise ValueError(f"{argument} {path} is empty; it needs at least one document of text.")
+
+
+def _has_text(path: str, chunk_size: int = 1 << 16) -> bool:
+    """Whether the file holds anything but whitespace; reads only up to the first character that is not."""
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            if chunk.strip():
+                return True
+    return False
 
 
 @dataclass
@@ -125,22 +137,23 @@ def load_text_datasets(
 
     source, load_kwargs = _dataset_source(dataset_name, dataset_config_name, train_file, validation_file)
     load_kwargs.update(cache_dir=cache_dir, token=token)
-    raw = load_dataset(source, **load_kwargs)
+    named = f"--dataset_name {dataset_name}" if dataset_name is not None else f"--train_file {train_file}"
+    try:
+        raw = load_dataset(source, **load_kwargs)
+    except DatasetGenerationError as error:
+        raise ValueError(f"{named} could not be read: {error.__cause__ or error}") from None
+    if "train" not in raw or len(raw["train"]) == 0:
+        raise ValueError(f"{named} holds no training document.")
     if "validation" in raw:
         validation_source = (
             f"the local file `{os.path.basename(validation_file)}`" if validation_file else "its validation split"
         )
     else:
-        raw = DatasetDict(
-            train=load_dataset(source, split=f"train[{validation_split_percentage}%:]", **load_kwargs),
-            validation=load_dataset(source, split=f"train[:{validation_split_percentage}%]", **load_kwargs),
-        )
+        raw = hold_out(raw["train"], validation_split_percentage, named)
         validation_source = f"the first {validation_split_percentage}% of the training data"
     for split, dataset in raw.items():
         if len(dataset) == 0:
-            raise ValueError(
-                f"The {split} split is empty; pass --validation_file or a larger --validation_split_percentage."
-            )
+            raise ValueError(f"The {split} split of {named} is empty.")
         if text_column not in dataset.column_names:
             raise ValueError(
                 f"--text_column_name {text_column!r} is not a column of the {split} split; "
@@ -156,6 +169,29 @@ def load_text_datasets(
         source=text_source,
         validation_source=validation_source,
     )
+
+
+def hold_out(train: Dataset, validation_split_percentage: int, named: str) -> DatasetDict:
+    """The first `validation_split_percentage`% of `train` as "validation", the rest as "train", as run_clm's
+    `train[:N%]` and `train[N%:]` slices (rounded to the closest document); `ValueError` if either would be empty."""
+
+    def num_held_out(percentage: int) -> int:
+        return int(round(percentage * len(train) / 100))
+
+    if not 0 < num_held_out(validation_split_percentage) < len(train):
+        usable = [percentage for percentage in range(1, 100) if 0 < num_held_out(percentage) < len(train)]
+        advice = (
+            f"or a --validation_split_percentage in [{usable[0]}, {usable[-1]}]"
+            if usable
+            else "or more than one document"
+        )
+        held_out = "no document" if num_held_out(validation_split_percentage) == 0 else "every document"
+        raise ValueError(
+            f"--validation_split_percentage {validation_split_percentage} holds out {held_out} of the {len(train)} "
+            f"in {named}; pass --validation_file, {advice}."
+        )
+    held_out = range(num_held_out(validation_split_percentage))
+    return DatasetDict(train=train.select(range(len(held_out), len(train))), validation=train.select(held_out))
 
 
 @dataclass

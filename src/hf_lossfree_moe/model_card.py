@@ -3,11 +3,16 @@ template from `model_cards/`.
 
 Metrics come from the Trainer's `log_history`, so the card states exactly what the run logged. Rendering goes
 through `huggingface_hub.ModelCard.from_template`, which writes the YAML header (license, tags, `library_name`,
-`pipeline_tag`, model-index) the Hub reads.
+`pipeline_tag`, model-index) the Hub reads. The templates ship inside the package, so an installed wheel renders
+cards as a clone does.
 """
 
+import json
 import math
 import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -17,13 +22,39 @@ from .configuration_lossfree_moe import LossFreeMoeConfig
 from .plotting import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
 
 
-# The template lives in the repository next to `src/`: model cards are written by the scripts of a checkout.
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "lossfree_moe.md"
-GLM4_MOE_TEMPLATE = DEFAULT_TEMPLATE.with_name("glm4_moe_export.md")
+# Jinja templates shipped as package data in `model_cards/`.
+DEFAULT_TEMPLATE = "lossfree_moe.md"
+GLM4_MOE_TEMPLATE = "glm4_moe_export.md"
 LICENSE = "apache-2.0"
 TAGS = ["mixture-of-experts", "moe", "loss-free-balancing", "deepseek-moe", "custom_code"]
 GLM4_MOE_TAGS = ["glm4_moe", "mixture-of-experts", "moe", "loss-free-balancing"]
 PAPER = "arxiv:2408.15664"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the text of optimizer steps `first_step` to `last_step` (1-based, inclusive) came from."""
+
+    description: str
+    first_step: int
+    last_step: int
+
+
+def sample_prompt(documents: Iterable[str], words: int = 4) -> str:
+    """The first `words` words of the first non-blank document: a prompt that fits the text the model learned."""
+    for document in documents:
+        if document.split():
+            return " ".join(document.split()[:words])
+    raise ValueError("sample_prompt needs at least one document with a word in it.")
+
+
+def check_data_sources(data_sources: Sequence[DataSource], train_steps: int) -> None:
+    """Raise `ValueError` unless the sources cover steps 1 to `train_steps` in order, each step once."""
+    bounds = [(source.first_step, source.last_step) for source in data_sources]
+    expected_first = [1] + [last + 1 for _, last in bounds[:-1]]
+    contiguous = [first for first, _ in bounds] == expected_first and all(first <= last for first, last in bounds)
+    if not bounds or not contiguous or bounds[-1][1] != train_steps:
+        raise ValueError(f"data_sources must cover steps 1 to {train_steps} in order, each step once, got {bounds}.")
 
 
 def count_active_parameters(config: LossFreeMoeConfig, num_parameters: int) -> int:
@@ -79,12 +110,23 @@ def render_model_card(
     block_size: int,
     tokens_per_step: int,
     learning_rate: float,
+    sample_prompt: str,
     dataset_id: str | None = None,
     base_model: str | None = None,
-    template_path: str | os.PathLike = DEFAULT_TEMPLATE,
+    data_sources: Sequence[DataSource] | None = None,
+    template_path: str | os.PathLike | None = None,
 ) -> ModelCard:
-    """Render the card of a finished run. `dataset_id` (a Hub dataset) and `base_model` go into the metadata."""
+    """Render the card of a finished run.
+
+    `sample_prompt` starts the usage example (text like the training data); `dataset_id` (a Hub dataset) and
+    `base_model` go into the metadata. `data_sources` lists the text of each stretch of steps when a resumed run
+    switched data; by default `dataset_description` covers every step. `template_path` defaults to the packaged
+    template.
+    """
     metrics = final_metrics(log_history)
+    data_sources = list(data_sources or [DataSource(dataset_description, 1, metrics["train_steps"])])
+    check_data_sources(data_sources, metrics["train_steps"])
+    template = read_template(DEFAULT_TEMPLATE, template_path)
     eval_dataset = {"dataset_type": dataset_id or "custom", "dataset_name": dataset_id or dataset_description}
     card_data = ModelCardData(
         model_name=model_name,
@@ -116,7 +158,7 @@ def render_model_card(
     maxvio_rows = [(f"layer {layer}", value) for layer, value in metrics.pop("maxvio_global_per_layer").items()]
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=template,
         model_name=model_name,
         repo_id=repo_id,
         config=config,
@@ -130,6 +172,8 @@ def render_model_card(
         learning_rate=learning_rate,
         plots={"maxvio_batch": MAXVIO_PLOT, "eval_load_heatmap": LOAD_HEATMAP_PLOT, "bias_trajectories": BIAS_PLOT},
         maxvio_rows=maxvio_rows,
+        sample_prompt=json.dumps(sample_prompt, ensure_ascii=False),  # a JSON string is a valid Python literal
+        data_sources=data_sources,
         **metrics,
     )
 
@@ -140,12 +184,12 @@ def render_glm4_moe_card(
     model_name: str,
     repo_id: str,
     original: str | None,
-    template_path: str | os.PathLike = GLM4_MOE_TEMPLATE,
+    template_path: str | os.PathLike | None = None,
 ) -> ModelCard:
     """The card of a stock `glm4_moe` export of a LossFreeMoe: what it is, where it came from, how to run it.
 
     `original` (a Hub id, URL or folder) is named in the text, linked when it is a Hub id or URL, and a Hub id also
-    becomes the `base_model` metadata.
+    becomes the `base_model` metadata. `template_path` defaults to the packaged template.
     """
     original_url = hub_url(original)
     is_hub_id = original_url is not None and not original.startswith(("http://", "https://"))
@@ -159,13 +203,20 @@ def render_glm4_moe_card(
     )
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path),
+        template_str=read_template(GLM4_MOE_TEMPLATE, template_path),
         model_name=model_name,
         repo_id=repo_id,
         config=config,
         original=original,
         original_url=original_url,
     )
+
+
+def read_template(name: str, template_path: str | os.PathLike | None = None) -> str:
+    """The text of `template_path`, or of the packaged template `name` when no path is given."""
+    if template_path is not None:
+        return Path(template_path).read_text(encoding="utf-8")
+    return files(__package__).joinpath("model_cards", name).read_text(encoding="utf-8")
 
 
 def hub_url(name: str | None) -> str | None:

@@ -33,9 +33,13 @@ MAX_ANNOTATED_EXPERTS = 32
 
 @dataclass
 class RoutingHistory:
-    """Bias snapshots over training steps and the loads of the last evaluation, per router (layer order)."""
+    """Bias snapshots over training steps and the loads of the last evaluation, per router (layer order).
+
+    `layers` holds each router's decoder-layer index (`model.model.layers[i]`), the numbering of the logs and plots.
+    """
 
     router_names: list[str] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     biases: list[list[list[float]]] = field(default_factory=list)  # (snapshots, routers, experts)
     eval_loads: list[list[int]] | None = None  # (routers, experts) token counts
@@ -67,6 +71,7 @@ class RoutingHistoryRecorder(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.history.router_names = list(self.balancing.balancer.names)
+        self.history.layers = self.balancing.balancer.layers
         self.record(state.global_step)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
