@@ -148,9 +148,15 @@ class LossFreeMoeExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Reference loop over the experts that received tokens."""
+        """Reference loop over the experts that received tokens.
+
+        Under expert parallelism `top_k_index` holds local ids, and routes to another rank's experts carry the id
+        `num_experts` with weight 0 (transformers' convention): they are skipped.
+        """
         final_hidden_states = torch.zeros_like(hidden_states)  # (T, H)
         for expert_idx in top_k_index.unique().tolist():
+            if expert_idx == self.num_experts:
+                continue
             token_idx, top_k_pos = torch.where(top_k_index == expert_idx)
             gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
