@@ -559,11 +559,22 @@ class LossFreeBalancer:
         # With a cache the mask covers past tokens too; the routers see only the last `tokens_per_row` columns.
         return (mask[:, mask_length - tokens_per_row :] != 0).reshape(-1).to(device=device, dtype=torch.int64)
 
+    def _recomputing(self) -> bool:
+        """Whether this router call is activation checkpointing recomputing, in backward, a forward already counted.
+
+        Eagerly, autograd says whether a backward is running. A hook that `torch.compile` traces cannot ask autograd
+        without cutting the graph at every router, so there a recomputation is recognised by running outside any
+        call of the model (whose hooks fill `_masks`): a backward starts after the model's forward has returned.
+        """
+        if torch.compiler.is_compiling():
+            return not self._masks
+        return torch._C._current_graph_task_id() != -1
+
     def _count(self, index: int, output: Any):
         router = self._routers[index]
         topk_indices = router.adapter.topk_indices(router.module, output)  # (T, K)
-        if torch._C._current_graph_task_id() != -1:
-            return  # inside backward: activation-checkpoint recomputation of a forward already counted
+        if self._recomputing():
+            return
         sinks = [m._counts for m in self._measurements if m.accepts(router.module.training)]
         if not sinks and router.module.training:
             sinks = [self._train_counts]

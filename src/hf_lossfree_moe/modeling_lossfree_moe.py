@@ -302,6 +302,8 @@ class LossFreeMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # sorted_mm hands a traced forward to grouped_mm, whose routing has no data-dependent shapes.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(LossFreeMoeTopkRouter, index=0),
         "hidden_states": LossFreeMoeDecoderLayer,

@@ -20,8 +20,9 @@ once, gathers them with `index_select` (whose backward is a parallel `index_add_
 contiguous rows by its weights (one `grouped_mm` call when a quarter or more of the experts are busy, one `mm` per
 active expert when fewer are), applies the routing weights to the narrower (T*K, F) activation, and sums each
 token's copies back with `index_add_`: no inverse permutation, no serial scatter. Under expert parallelism, routes
-to another rank's experts (local id `num_experts`, weight 0) sort last and are dropped. On other devices, and for
-expert layouts other than concatenated [gate; up] weights without biases, it is transformers' `grouped_mm`.
+to another rank's experts (local id `num_experts`, weight 0) sort last and are dropped. On other devices, while
+`torch.compile` traces (the segment loop reads counts back to Python, which a full graph cannot), and for expert
+layouts other than concatenated [gate; up] weights without biases, it is transformers' `grouped_mm`.
 This file imports nothing from `hf_lossfree_moe`, so it travels with the modeling file to the Hub.
 """
 
@@ -152,8 +153,9 @@ def _has_plain_layout(experts: nn.Module) -> bool:
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Experts forward for CPU; elsewhere, or for another weight layout, transformers' `grouped_mm`."""
-    if hidden_states.device.type != "cpu" or not _has_plain_layout(self):
+    """Experts forward for CPU in eager mode; while compiling, elsewhere, or for another weight layout,
+    transformers' `grouped_mm`."""
+    if torch.compiler.is_compiling() or hidden_states.device.type != "cpu" or not _has_plain_layout(self):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     sorted_ids, expert_order = top_k_index.reshape(-1).sort(stable=True)  # (T * K,)
     rows = _ExpertRows.from_sorted_ids(sorted_ids, self.gate_up_proj.size(0))
