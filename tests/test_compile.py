@@ -55,13 +55,16 @@ def assert_same_history(actual, expected):
 
 
 def test_compiled_training_step_counts_loads_exactly(tiny_config):
-    """One graph with the balancer's hooks in it; two micro-batches per step, padding excluded, biases moving."""
+    """The balancer's hooks inside one graph; two micro-batches per step, padding excluded, biases moving."""
     model = LossFreeMoeForCausalLM(tiny_config()).train()
     input_ids, attention_mask = padded_batch()
     batches = [(input_ids, attention_mask), (input_ids.flip(0), attention_mask.flip(0))]
     twin = copy.deepcopy(model)
     expected = train_with_balancer(model, model, batches, steps=2)
+    torch._dynamo.utils.counters.clear()
     actual = train_with_balancer(twin, torch.compile(twin, backend="eager", fullgraph=True), batches, steps=2)
+    # Counting, resets and bias updates change no guard: four training forwards, one graph, no recompilation.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     # 2 real-token rows of 12 and 9 tokens, top-2, two micro-batches: 84 choices per layer and step.
     assert expected[0][0].sum(dim=-1).tolist() == [84, 84]
     assert not torch.equal(expected[0][1], expected[1][1]), "the biases moved between the steps"

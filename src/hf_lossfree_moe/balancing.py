@@ -134,19 +134,21 @@ class _ExpertCounts:
     """Exact token counts per router and expert: int64, on each router's device.
 
     Plain tensors held by the balancer, never module buffers: DDP broadcasts module buffers from rank 0 before every
-    forward (`broadcast_buffers=True`) and would overwrite rank-local counts.
+    forward (`broadcast_buffers=True`) and would overwrite rank-local counts. They exist from the start, so a compiled
+    model does not recompile when the first count arrives.
     """
 
-    def __init__(self, num_routers: int, num_experts: int):
+    def __init__(self, devices: list[torch.device], num_experts: int):
         self.num_experts = num_experts
-        self._counts: list[torch.Tensor | None] = [None] * num_routers
+        # A router still on the meta device (weights not loaded yet) gets its counts on the CPU until it moves.
+        self._counts = [
+            torch.zeros(num_experts, dtype=torch.int64, device="cpu" if device.type == "meta" else device)
+            for device in devices
+        ]
 
     def add(self, index: int, topk_indices: torch.Tensor, token_mask: torch.Tensor | None):
         """Count the `(T, K)` expert indices of one router call; `token_mask` (T,) int64 is 0 for padding."""
-        counts = self._counts[index]
-        if counts is None:
-            counts = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_indices.device)
-        counts = counts.to(topk_indices.device)
+        counts = self._counts[index].to(topk_indices.device)  # the same tensor unless the model moved
         if token_mask is None:
             per_choice = torch.ones_like(topk_indices, dtype=torch.int64)  # (T, K)
         else:
@@ -155,16 +157,10 @@ class _ExpertCounts:
 
     def stacked(self, device: torch.device) -> torch.Tensor:
         """(routers, experts) copy of the counts on `device`."""
-        rows = [
-            torch.zeros(self.num_experts, dtype=torch.int64, device=device) if counts is None else counts
-            for counts in self._counts
-        ]
-        return _stack_on(rows, device)
+        return _stack_on(self._counts, device)
 
     def reset(self):
-        started = [counts for counts in self._counts if counts is not None]
-        if started:
-            torch._foreach_zero_(started)
+        torch._foreach_zero_(self._counts)
 
 
 class LoadMeasurement:
@@ -188,7 +184,7 @@ class LoadMeasurement:
     def __init__(self, balancer: "LossFreeBalancer", eval_only: bool):
         self.balancer = balancer
         self.eval_only = eval_only
-        self._counts = _ExpertCounts(len(balancer.routers), balancer.num_experts)
+        self._counts = _ExpertCounts(balancer._bias_devices(), balancer.num_experts)
         self._loads: torch.Tensor | None = None
 
     def start(self) -> "LoadMeasurement":
@@ -319,7 +315,7 @@ class LossFreeBalancer:
         self._routers = found
         self._weight_slots = [_weight_slots(router) for router in found]
         self.num_experts = num_experts.pop()
-        self._train_counts = _ExpertCounts(len(found), self.num_experts)
+        self._train_counts = _ExpertCounts(self._bias_devices(), self.num_experts)
         self._measurements: list[LoadMeasurement] = []
         self._masks: list[torch.Tensor | None] = []
         self._mask_position = _argument_position(model, "attention_mask")
@@ -486,6 +482,9 @@ class LossFreeBalancer:
         weights = [module._parameters.get(name) for module, name in self._weight_slots[index]]
         weights = [weight for weight in weights if weight is not None]
         return bool(weights) and not any(weight.requires_grad for weight in weights)
+
+    def _bias_devices(self) -> list[torch.device]:
+        return [self._bias(index).device for index in range(len(self))]
 
     def _bias(self, index: int) -> torch.Tensor:
         router = self._routers[index]
