@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from transformers import GptOssConfig
+from transformers import Glm4MoeConfig, GptOssConfig
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeExperts
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from hf_lossfree_moe import LossFreeMoeForCausalLM, LossFreeMoeSparseMoeBlock
+from hf_lossfree_moe.modeling_lossfree_moe import LossFreeMoeExperts
 from hf_lossfree_moe.sorted_experts import SORTED_MM, _ExpertRows, _ExpertsLinear, _grouped_mm_applies
 
 
@@ -113,6 +115,51 @@ def test_sorted_mm_handles_other_weight_layouts():
     torch.testing.assert_close(experts(hidden_states, top_k_index, top_k_weights), expected, rtol=1e-5, atol=1e-6)
 
 
+# Expert parallelism hands each rank local expert ids; a route to another rank's expert carries the id num_experts
+# (here 4) with weight 0. Each case: the index, and the positions holding that sentinel.
+ROUTES = {
+    "sentinel": torch.tensor([[0, 4], [4, 1], [2, 3]]),
+    "local_only": torch.tensor([[0, 3], [2, 1], [2, 3]]),
+    "remote_only": torch.full((3, 2), 4),
+}
+
+
+@pytest.mark.parametrize("implementation", ["eager", SORTED_MM, "grouped_mm"])
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_experts_match_transformers_eager_experts_on_expert_parallel_routes(tiny_config, implementation, route):
+    """Output and gradients equal Glm4MoeExperts' eager loop, which skips the other-rank sentinel."""
+    top_k_index = ROUTES[route]
+    sentinel = top_k_index == 4
+    reference_config = Glm4MoeConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4)
+    reference_config._experts_implementation = "eager"
+    reference = Glm4MoeExperts(reference_config)
+    ours = LossFreeMoeExperts(tiny_config(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4))
+    ours.config._experts_implementation = implementation
+    for param in reference.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    ours.load_state_dict(reference.state_dict())
+    # transformers' expert-parallel sharding marks the experts it splits; grouped_mm masks sentinels only then.
+    ours._is_expert_parallel = reference._is_expert_parallel = bool(sentinel.any())
+    hidden_states = torch.randn(3, 16)
+    top_k_weights = torch.rand(3, 2).masked_fill(sentinel, 0.0)
+    projection = torch.randn(3, 16)
+
+    results = []
+    for experts in (reference, ours):
+        inputs = (hidden_states.clone().requires_grad_(), top_k_weights.clone().requires_grad_())
+        output = experts(inputs[0], top_k_index, inputs[1])
+        differentiated = (*inputs, experts.gate_up_proj, experts.down_proj)
+        if output.requires_grad:
+            grads = torch.autograd.grad((output * projection).sum(), differentiated, materialize_grads=True)
+        else:  # the eager loop never touched a weight: every route left the rank
+            grads = [torch.zeros_like(tensor) for tensor in differentiated]
+        results.append((output, *grads))
+    for name, expected, actual in zip(["output", "input", "weights", "gate_up", "down"], *results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=f"{implementation}: {name}")
+    reached_local_expert = (~sentinel).any(dim=-1)  # (T,)
+    assert results[1][0].abs().sum(dim=-1).gt(0).equal(reached_local_expert)
+
+
 def test_sorted_mm_is_the_default_and_travels_with_saved_models(tmp_path, tiny_config):
     assert LossFreeMoeForCausalLM(tiny_config()).config._experts_implementation == SORTED_MM
     LossFreeMoeForCausalLM(tiny_config()).save_pretrained(tmp_path)
@@ -160,6 +207,14 @@ def test_expert_rows_skip_idle_experts():
     assert rows.segments == [(0, slice(0, 2)), (2, slice(2, 5))]
     assert rows.offsets.tolist() == [2, 2, 5, 5]
     assert rows.offsets.dtype == torch.int32
+    assert rows.num_rows == 5
+
+
+def test_expert_rows_leave_other_rank_routes_out():
+    rows = _ExpertRows.from_sorted_ids(torch.tensor([0, 0, 2, 2, 2, 4, 4]), num_experts=4)
+    assert rows.segments == [(0, slice(0, 2)), (2, slice(2, 5))]
+    assert rows.offsets.tolist() == [2, 2, 5, 5]
+    assert rows.num_rows == 5
 
 
 BUSY = [3, 0, 4, 2, 5, 1, 0, 3]  # 6 of 8 experts receive tokens

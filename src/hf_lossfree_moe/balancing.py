@@ -42,19 +42,21 @@ class _ExpertCounts:
     """Exact token counts per router and expert: int64, on each router's device.
 
     Plain tensors held by the balancer, never module buffers: DDP broadcasts module buffers from rank 0 before every
-    forward (`broadcast_buffers=True`) and would overwrite rank-local counts.
+    forward (`broadcast_buffers=True`) and would overwrite rank-local counts. They exist from the start, so a compiled
+    model does not recompile when the first count arrives.
     """
 
-    def __init__(self, num_routers: int, num_experts: int):
+    def __init__(self, devices: list[torch.device], num_experts: int):
         self.num_experts = num_experts
-        self._counts: list[torch.Tensor | None] = [None] * num_routers
+        # A router still on the meta device (weights not loaded yet) gets its counts on the CPU until it moves.
+        self._counts = [
+            torch.zeros(num_experts, dtype=torch.int64, device="cpu" if device.type == "meta" else device)
+            for device in devices
+        ]
 
     def add(self, index: int, topk_indices: torch.Tensor, token_mask: torch.Tensor | None):
         """Count the `(T, K)` expert indices of one router call; `token_mask` (T,) int64 is 0 for padding."""
-        counts = self._counts[index]
-        if counts is None:
-            counts = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_indices.device)
-        counts = counts.to(topk_indices.device)
+        counts = self._counts[index].to(topk_indices.device)  # the same tensor unless the model moved
         if token_mask is None:
             per_choice = torch.ones_like(topk_indices, dtype=torch.int64)  # (T, K)
         else:
@@ -63,16 +65,10 @@ class _ExpertCounts:
 
     def stacked(self, device: torch.device) -> torch.Tensor:
         """(routers, experts) copy of the counts on `device`."""
-        rows = [
-            torch.zeros(self.num_experts, dtype=torch.int64, device=device) if counts is None else counts
-            for counts in self._counts
-        ]
-        return _stack_on(rows, device)
+        return _stack_on(self._counts, device)
 
     def reset(self):
-        started = [counts for counts in self._counts if counts is not None]
-        if started:
-            torch._foreach_zero_(started)
+        torch._foreach_zero_(self._counts)
 
 
 class LoadMeasurement:
@@ -96,7 +92,7 @@ class LoadMeasurement:
     def __init__(self, balancer: "LossFreeBalancer", eval_only: bool):
         self.balancer = balancer
         self.eval_only = eval_only
-        self._counts = _ExpertCounts(len(balancer.routers), balancer.num_experts)
+        self._counts = _ExpertCounts(balancer._bias_devices(), balancer.num_experts)
         self._loads: torch.Tensor | None = None
 
     def start(self) -> "LoadMeasurement":
@@ -245,7 +241,7 @@ class LossFreeBalancer:
         self._layers = layer_numbers([router.name for router in found])
         self._weight_slots = [_weight_slots(router) for router in found]
         self.num_experts = num_experts.pop()
-        self._train_counts = _ExpertCounts(len(found), self.num_experts)
+        self._train_counts = _ExpertCounts(self._bias_devices(), self.num_experts)
         self._measurements: list[LoadMeasurement] = []
         self._masks: list[torch.Tensor | None] = []
         self._argument_positions = {
@@ -451,6 +447,9 @@ class LossFreeBalancer:
         weights = [weight for weight in weights if weight is not None]
         return bool(weights) and not any(weight.requires_grad for weight in weights)
 
+    def _bias_devices(self) -> list[torch.device]:
+        return [self._bias(index).device for index in range(len(self))]
+
     def _bias(self, index: int) -> torch.Tensor:
         router = self._routers[index]
         return getattr(router.bias_owner, router.bias_attr)
@@ -551,13 +550,24 @@ class LossFreeBalancer:
         # With a cache the mask covers past tokens too; the routers see only the last `tokens_per_row` columns.
         return (mask[:, mask_length - tokens_per_row :] != 0).reshape(-1).to(device=device, dtype=torch.int64)
 
+    def _recomputing(self) -> bool:
+        """Whether this router call is activation checkpointing recomputing, in backward, a forward already counted.
+
+        Eagerly, autograd says whether a backward is running. A hook that `torch.compile` traces cannot ask autograd
+        without cutting the graph at every router, so there a recomputation is recognised by running outside any
+        call of the model (whose hooks fill `_masks`): a backward starts after the model's forward has returned.
+        """
+        if torch.compiler.is_compiling():
+            return not self._masks
+        return torch._C._current_graph_task_id() != -1
+
     def _count(self, index: int, module: nn.Module, output: Any):
         router = self._routers[index]
         if module is not router.module:
             return  # the router of a deep copy of the model
         topk_indices = router.adapter.topk_indices(router.module, output)  # (T, K)
-        if torch._C._current_graph_task_id() != -1:
-            return  # inside backward: activation-checkpoint recomputation of a forward already counted
+        if self._recomputing():
+            return
         sinks = [m._counts for m in self._measurements if m.accepts(router.module.training)]
         if not sinks and router.module.training and not self._generation.active:
             sinks = [self._train_counts]

@@ -1,3 +1,16 @@
+# Copyright 2026 The hf-lossfree-moe Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """LossFreeMoe: a DeepSeekMoE-style causal LM whose router implements auxiliary-loss-free load balancing.
 
 Each MoE layer has always-on shared experts and fine-grained routed experts. The router scores experts in fp32,
@@ -148,9 +161,15 @@ class LossFreeMoeExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Reference loop over the experts that received tokens."""
+        """Reference loop over the experts that received tokens.
+
+        Under expert parallelism `top_k_index` holds local ids, and routes to another rank's experts carry the id
+        `num_experts` with weight 0 (transformers' convention): they are skipped.
+        """
         final_hidden_states = torch.zeros_like(hidden_states)  # (T, H)
         for expert_idx in top_k_index.unique().tolist():
+            if expert_idx == self.num_experts:
+                continue
             token_idx, top_k_pos = torch.where(top_k_index == expert_idx)
             gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
@@ -283,6 +302,8 @@ class LossFreeMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # sorted_mm hands a traced forward to grouped_mm, whose routing has no data-dependent shapes.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(LossFreeMoeTopkRouter, index=0),
         "hidden_states": LossFreeMoeDecoderLayer,

@@ -1,3 +1,16 @@
+# Copyright 2026 The hf-lossfree-moe Authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """`sorted_mm`: an experts kernel for transformers' experts interface, faster on CPU; registered on import.
 
 On CPU, transformers' `grouped_mm` spends a good part of a training step outside its matrix products: the backward
@@ -6,7 +19,9 @@ and the routing weights scale the wide (T*K, H) expert outputs. This kernel sort
 once, gathers them with `index_select` (whose backward is a parallel `index_add_`), multiplies each expert's
 contiguous rows by its weights (one `grouped_mm` call when a quarter or more of the experts are busy, one `mm` per
 active expert when fewer are), applies the routing weights to the narrower (T*K, F) activation, and sums each
-token's copies back with `index_add_`: no inverse permutation, no serial scatter. On other devices, and for expert
+token's copies back with `index_add_`: no inverse permutation, no serial scatter. Under expert parallelism, routes
+to another rank's experts (local id `num_experts`, weight 0) sort last and are dropped. On other devices, while
+`torch.compile` traces (the segment loop reads counts back to Python, which a full graph cannot), and for expert
 layouts other than concatenated [gate; up] weights without biases, it is transformers' `grouped_mm`.
 This file imports nothing from `hf_lossfree_moe`, so it travels with the modeling file to the Hub.
 """
@@ -33,21 +48,24 @@ class _ExpertRows(NamedTuple):
     """Where each expert's copies lie among the expert-sorted rows.
 
     `segments` lists `(expert, rows)` for the experts that received tokens; `offsets` holds every expert's end row,
-    the layout `grouped_mm` takes.
+    the layout `grouped_mm` takes; `num_rows` counts the rows routed to these experts. Ids of `num_experts` and
+    above (expert parallelism's other-rank sentinel) sort after them and belong to no segment.
     """
 
     segments: list[tuple[int, slice]]
     offsets: torch.Tensor
+    num_rows: int
 
     @classmethod
     def from_sorted_ids(cls, sorted_ids: torch.Tensor, num_experts: int) -> "_ExpertRows":
-        offsets = torch.bincount(sorted_ids, minlength=num_experts).cumsum(0, dtype=torch.int32)  # (E,)
+        counts = torch.bincount(sorted_ids, minlength=num_experts)[:num_experts]  # (E,)
+        offsets = counts.cumsum(0, dtype=torch.int32)  # (E,)
         segments, start = [], 0
         for expert, end in enumerate(offsets.tolist()):
             if end > start:
                 segments.append((expert, slice(start, end)))
             start = end
-        return cls(segments, offsets)
+        return cls(segments, offsets, start)
 
 
 def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor, rows: _ExpertRows) -> bool:
@@ -122,28 +140,30 @@ class _ExpertsLinear(torch.autograd.Function):
 
 
 def _has_plain_layout(experts: nn.Module) -> bool:
-    """Concatenated [gate; up] weights of shape (E, out, in), no biases, no post-norm, no expert parallelism."""
+    """Concatenated [gate; up] weights of shape (E, out, in), no biases, no post-norm."""
     return (
         experts.has_gate
         and experts.is_concatenated
         and not experts.is_transposed
         and not experts.has_bias
         and not experts.has_post_expert_norm
-        and not experts._is_expert_parallel
     )
 
 
 def sorted_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Experts forward for CPU; elsewhere, or for another weight layout, transformers' `grouped_mm`."""
-    if hidden_states.device.type != "cpu" or not _has_plain_layout(self):
+    """Experts forward for CPU in eager mode; while compiling, elsewhere, or for another weight layout,
+    transformers' `grouped_mm`."""
+    if torch.compiler.is_compiling() or hidden_states.device.type != "cpu" or not _has_plain_layout(self):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    sorted_ids, expert_order = top_k_index.reshape(-1).sort(stable=True)  # (S,), S = T * K
+    sorted_ids, expert_order = top_k_index.reshape(-1).sort(stable=True)  # (T * K,)
+    rows = _ExpertRows.from_sorted_ids(sorted_ids, self.gate_up_proj.size(0))
+    # Other-rank routes (expert parallelism's sentinel id, weight 0) sort last: drop them, as the eager loop skips them.
+    expert_order = expert_order[: rows.num_rows]  # (S,), S <= T * K copies routed here
     # expert_order holds the token-major position (token * K + k) of each expert-sorted copy.
     sorted_token = expert_order.div(top_k_index.size(-1), rounding_mode="floor")  # (S,)
     sorted_weights = top_k_weights.reshape(-1).index_select(0, expert_order).unsqueeze(-1)  # (S, 1)
-    rows = _ExpertRows.from_sorted_ids(sorted_ids, self.gate_up_proj.size(0))
 
     # index_select's backward is a parallel index_add_, unlike the serial index_put_ behind `hidden_states[index]`.
     sorted_states = hidden_states.to(self.gate_up_proj.dtype).index_select(0, sorted_token)  # (S, H)
