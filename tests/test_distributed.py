@@ -242,10 +242,7 @@ def single_process_logits():
 
 
 EXPERTS_CASES = [
-    pytest.param(
-        "eager/all_reduce",
-        marks=pytest.mark.xfail(strict=False, reason="eager experts sentinel fix pending"),
-    ),
+    "eager/all_reduce",
     "eager/all_to_all",
     "sorted_mm/all_reduce",
     "sorted_mm/all_to_all",
