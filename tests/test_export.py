@@ -243,6 +243,21 @@ def test_what_glm45_cannot_express_is_refused_before_writing(tmp_path, tiny_conf
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("norm_topk_prob", True), ("routed_scaling_factor", 2.5), ("num_experts_per_tok", 3)]
+)
+def test_a_config_edited_after_the_model_was_built_is_refused(tmp_path, tiny_config, field, value):
+    """The routers compute with what they copied at construction; an export written from the edited config would not
+    compute what the model computes."""
+    model = LossFreeMoeForCausalLM(tiny_config())
+    setattr(model.config, field, value)
+    with pytest.raises(
+        ValueError, match=rf"LossFreeMoeConfig.{field} is {value!r}, but the model's routers were built"
+    ):
+        export_to_glm4_moe(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_sources_and_destinations_are_refused(tmp_path, tiny_config):
     model = LossFreeMoeForCausalLM(tiny_config())
     model.save_pretrained(tmp_path / "saved")

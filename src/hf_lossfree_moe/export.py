@@ -48,6 +48,34 @@ def check_glm4_moe_compatible(config: LossFreeMoeConfig) -> None:
         )
 
 
+# Router attribute -> config field: what each router copied from the config when the model was built.
+ROUTER_SETTINGS = {
+    "top_k": "num_experts_per_tok",
+    "n_group": "n_group",
+    "topk_group": "topk_group",
+    "norm_topk_prob": "norm_topk_prob",
+    "routed_scaling_factor": "routed_scaling_factor",
+    "scoring_func": "scoring_func",
+}
+
+
+def check_routers_follow_config(model: LossFreeMoeForCausalLM) -> None:
+    """Raise `ValueError` when a router computes with another value than `model.config` says.
+
+    The routers copy their settings from the config when the model is built, so a config edited afterwards no longer
+    describes the model; the export is written from the config and would compute something else.
+    """
+    for router in model.model.routers():
+        for attribute, field in ROUTER_SETTINGS.items():
+            used, declared = getattr(router, attribute), getattr(model.config, field)
+            if used != declared:
+                raise ValueError(
+                    f"Cannot export to glm4_moe: LossFreeMoeConfig.{field} is {declared!r}, but the model's routers "
+                    f"were built with {used!r} and compute with it. Set the config back, or build (or reload) the "
+                    "model from the edited config before exporting."
+                )
+
+
 def glm4_moe_config(config: LossFreeMoeConfig) -> Glm4MoeConfig:
     """The `Glm4MoeConfig` that computes what `config` computes (checked first with `check_glm4_moe_compatible`).
 
@@ -147,6 +175,7 @@ def export_to_glm4_moe(
         raise ValueError(f"save_directory must differ from the original model's folder, got {save_directory}.")
     if isinstance(model_or_path, LossFreeMoeForCausalLM):
         check_glm4_moe_compatible(model_or_path.config)
+        check_routers_follow_config(model_or_path)
         model = model_or_path
     else:
         check_glm4_moe_compatible(_saved_config(source))
