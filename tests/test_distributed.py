@@ -20,7 +20,7 @@ from hf_lossfree_moe import (
     add_balancing_callback,
     maxvio,
 )
-from hf_lossfree_moe.process_groups import counting_group
+from hf_lossfree_moe.process_groups import LoadSum, counting_group
 from test_callbacks import make_trainer, padded_examples
 
 
@@ -221,6 +221,20 @@ def test_a_pipeline_stage_without_router_is_refused_on_every_rank(ranks):
     """Layers 0 and 1 dense on stage 0, MoE layer 2 on stage 1: both ranks raise instead of one waiting forever."""
     for rank in ranks:
         assert "stage(s) at rank(s) [0]" in rank["pipeline_stage_without_router"]
+
+
+def test_pipeline_stages_whose_routers_have_no_layer_index_are_refused_alike(monkeypatch):
+    """Stages' counts are matched by decoder-layer index; a stage numbering its routers by position (two routers in
+    one layer) would have its rows summed with another stage's different layers, so every rank refuses instead."""
+
+    def all_gather_object(gathered, indices, group=None):
+        gathered[:] = [[1, 2], None]  # stage 1's routers share a layer: no index of their own
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    load_sum = LoadSum.__new__(LoadSum)
+    load_sum.group, load_sum._size = None, lambda: 2
+    with pytest.raises(ValueError, match=r"the routers at rank\(s\) \[1\] of its process group have none"):
+        load_sum._gather_layers([1, 2])
 
 
 @pytest.mark.xfail(

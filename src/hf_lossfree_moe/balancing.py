@@ -225,7 +225,7 @@ class LossFreeBalancer:
 
         found = find_routers(model)
         # Before any check that may fail on one pipeline stage only: this is a collective there.
-        self._load_sum = LoadSum(model, layer_numbers([router.name for router in found]), process_group)
+        self._load_sum = LoadSum(model, [router.name for router in found], process_group)
         self.process_group = self._load_sum.group
         if not found:
             raise ValueError(
@@ -585,7 +585,7 @@ def _setting(value, config, field: str, default):
     return getattr(config, field, default)
 
 
-def check_settings(update_rate=None, rule=None, bias_type=None, center=False, frozen=None, process_group=None):
+def check_settings(update_rate=None, rule=None, bias_type=None, center=False, frozen=None):
     """Raise `ValueError` naming a bad balancer setting; None stands for "from the model's config" and passes."""
     is_number = isinstance(update_rate, (int, float)) and not isinstance(update_rate, bool)
     if update_rate is not None and not (is_number and math.isfinite(update_rate) and update_rate >= 0):

@@ -161,17 +161,21 @@ def find_routers(model: nn.Module) -> list[FoundRouter]:
     return sorted(found, key=lambda router: order[router.module])
 
 
-def layer_numbers(router_names: list[str]) -> list[int]:
-    """Each router's decoder-layer index, read from `layers.{i}.` in its name: `model.layers[i]` is what users see.
-
-    Where a name has no such index, or two routers share one (e.g. separate text and vision experts in one layer),
-    the routers are numbered by position instead, 0, 1, ..., so that every number names one router.
-    """
+def decoder_layer_indices(router_names: list[str]) -> list[int] | None:
+    """Each router's decoder-layer index, read from `layers.{i}.` in its name; None unless every router has its own
+    (a name without an index, or two routers in one layer, e.g. separate text and vision experts)."""
     matches = [re.search(r"(?:^|\.)layers\.(\d+)\.", name) for name in router_names]
     numbers = [int(match.group(1)) if match else None for match in matches]
     if None in numbers or len(set(numbers)) != len(numbers):
-        return list(range(len(router_names)))
+        return None
     return numbers
+
+
+def layer_numbers(router_names: list[str]) -> list[int]:
+    """The number of each router in metrics: its decoder-layer index (`model.layers[i]` is what users see), or, where
+    `decoder_layer_indices` finds none, its position 0, 1, ..., so that every number names one router."""
+    indices = decoder_layer_indices(router_names)
+    return list(range(len(router_names))) if indices is None else indices
 
 
 __all__ = [
@@ -183,6 +187,7 @@ __all__ = [
     "find_routers",
     "holds_bias",
     "idle_modules",
+    "decoder_layer_indices",
     "layer_numbers",
     "register_router_adapter",
     "wrapper_copies",
