@@ -149,7 +149,7 @@ class Execution:
 
 def plan_execution(num_runs: int, device: str = "cpu", workers: int | None = None, bf16: bool = False) -> Execution:
     """By default on CPU one single-threaded run per core, since models this small gain nothing from a second thread
-    (measured: the same time per step with 1 or 2) and lose much on a busy machine; on a GPU one run at a time."""
+    and lose much on a busy machine (docs/replay.md); on a GPU one run at a time."""
     if device not in DEVICES:
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}.")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):

@@ -72,7 +72,7 @@ class LossFreeBalancingCallback(TrainerCallback):
             frozen=frozen,
             process_group=process_group,
         )
-        check_settings(**self.balancer_kwargs)
+        check_settings(update_rate, rule, bias_type, center, frozen)
         self.balancer: LossFreeBalancer | None = None
         self._attached_to = None
         self.last_eval_loads = None
