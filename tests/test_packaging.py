@@ -22,13 +22,15 @@ COMMANDS = {
     "hf-lossfree-moe-reproduce": "hf_lossfree_moe_scripts.reproduce_paper:main",
     "hf-lossfree-moe-plot": "hf_lossfree_moe_scripts.plot:main",
     "hf-lossfree-moe-benchmark": "hf_lossfree_moe_scripts.benchmark:main",
+    "hf-lossfree-moe-export": "hf_lossfree_moe_scripts.export:main",
 }
 NOT_SHIPPED = ("__pycache__", ".pyc", ".egg-info")
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel pip builds from a copy of the sources (pip builds in the source folder and leaves build/ there)."""
+def build(tmp_path_factory) -> tuple[Path, str]:
+    """The wheel pip builds from a copy of the sources (pip builds in the source folder and leaves build/ there), and
+    the build's log."""
     source = tmp_path_factory.mktemp("source")
     for name in BUILD_INPUTS:
         if (ROOT / name).is_dir():
@@ -36,10 +38,21 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy(ROOT / name, source / name)
     dist = tmp_path_factory.mktemp("dist")
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--quiet"]
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--verbose"]
     result = subprocess.run([*command, "-w", str(dist), str(source)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return next(dist.glob("*.whl"))
+    return next(dist.glob("*.whl")), result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(build) -> Path:
+    return build[0]
+
+
+def test_build_lists_every_folder_it_ships_as_a_package(build):
+    """setuptools warns of data-only folders missing from `packages`, and will stop shipping them."""
+    _, log = build
+    assert "absent from the `packages` configuration" not in log
 
 
 def package_files() -> set[str]:
@@ -110,6 +123,6 @@ def test_installed_wheel_trains_and_writes_a_card(installed, tmp_path):
     card = (tmp_path / "model" / "README.md").read_text()
     assert "- 2 optimizer steps" in card
     assert "`hf-lossfree-moe-train --model_name_or_path model`" in card  # the command the card names exists
-    for command in ("hf-lossfree-moe-reproduce", "hf-lossfree-moe-plot", "hf-lossfree-moe-benchmark"):
+    for command in sorted(COMMANDS.keys() - {"hf-lossfree-moe-train"}):
         result = subprocess.run([str(bin_dir / command), "--help"], capture_output=True, text=True, env=env)
         assert result.returncode == 0 and result.stdout.startswith("usage:"), (command, result.stderr[-2000:])
