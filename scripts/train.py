@@ -386,7 +386,7 @@ def prepare(
     checkpoint = training_args.resume_from_checkpoint
     text = data_args.load(cache_dir=model_args.cache_dir, token=model_args.token)
     if training_args.do_train:
-        record.start_training(text.source)
+        record.start_training(text.source, data_args.resume_with_new_data)
     tokenizer = load_tokenizer(model_args, data_args, checkpoint, text, config)
     if model_args.model_name_or_path is None:
         config.vocab_size = max(config.vocab_size, len(tokenizer))

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_lossfree_moe import LossFreeMoeConfig
 from hf_lossfree_moe.data import embedded_datasets
+from hf_lossfree_moe_scripts.run_record import RunRecord
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
@@ -208,6 +209,13 @@ def test_resume_restores_the_run_and_switches_data_only_when_asked(
     assert [entry["step"] for entry in state["log_history"] if "maxvio_batch" in entry] == [2, 4, 6]
     assert json.loads((run / "routing_history.json").read_text())["steps"] == [0, 2, 4, 6]
 
+    # The file changed in place since steps 5-6 read it: refused, naming it; restored, the run goes on.
+    content = small_jsonl.read_text()
+    small_jsonl.write_text(content.replace("router", "expert"))
+    with pytest.raises(SystemExit, match=rf"--train_file {re.escape(str(small_jsonl))} changed since the checkpoint"):
+        train_script.main(["--resume_from_checkpoint", str(run / "checkpoint-6"), "--max_steps", "8"])
+    small_jsonl.write_text(content)
+
     # From another folder, with nothing but a longer budget: the file, the sizes and the folder are the run's.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -221,6 +229,54 @@ def test_resume_restores_the_run_and_switches_data_only_when_asked(
     assert "  - steps 1-4 (4 steps): the embedded corpus `python-docs`" in card
     assert "  - steps 5-8 (4 steps): the local file `small.jsonl`\n" in card
     assert "- 8 optimizer steps" in card
+
+
+def test_checkpoint_without_a_record_needs_its_data_named(trained, train_script, tmp_path, one_thread):
+    """A checkpoint of a plain Trainer or an older version: no run_record.json, so neither data nor sizes are known."""
+    output_dir, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(output_dir / "checkpoint-4", run / "checkpoint-4")
+    (run / "checkpoint-4" / "run_record.json").unlink()
+    resume = ["--resume_from_checkpoint", str(run / "checkpoint-4"), *FAST_RUN, "--max_steps", "6"]
+    with pytest.raises(
+        SystemExit, match=r"holds no run_record.json, so it does not record the data its run read; give"
+    ):
+        train_script.main(resume)
+    assert sorted(os.listdir(run)) == ["checkpoint-4"]
+
+    train_script.main([*resume, "--resume_with_new_data"])
+    card = (run / "README.md").read_text()
+    assert "  - steps 1-4 (4 steps): data the checkpoint does not record (it holds no run_record.json)\n" in card
+    assert "  - steps 5-6 (2 steps): the embedded corpus `python-docs`" in card
+
+
+def test_resuming_a_finished_model_points_to_model_name_or_path(trained, train_script):
+    output_dir, _ = trained
+    before = sorted(os.listdir(output_dir))
+    with pytest.raises(
+        SystemExit, match=r"is not a checkpoint-<step> folder of a run; to continue training a finished"
+    ):
+        train_script.main(["--resume_from_checkpoint", str(output_dir), "--max_steps", "8"])
+    assert sorted(os.listdir(output_dir)) == before
+
+
+def test_a_changed_data_file_opens_a_new_stretch_when_asked_for(tmp_path):
+    """With --resume_with_new_data, the card lists the steps before and after the change apart."""
+    data = tmp_path / "data.txt"
+    data.write_text("first version")
+    record = RunRecord({"train_file": str(data)})
+    record.start_training("the local file `data.txt`")
+    record.end_at(4)
+    record.save(tmp_path / "run_record.json")
+    data.write_text("second version")
+
+    resumed = RunRecord.load(tmp_path / "run_record.json")
+    with pytest.raises(ValueError, match=rf"--train_file {re.escape(str(data))} changed since"):
+        resumed.start_training("the local file `data.txt`")
+    resumed.start_training("the local file `data.txt`", new_data=True)
+    resumed.end_at(6)
+    assert [(segment.first_step, segment.last_step) for segment in resumed.data_sources] == [(1, 4), (5, 6)]
+    assert resumed.data_sources[1].files["train_file"]["size"] == len("second version")
 
 
 def test_model_name_or_path_continues_training_with_new_balancing_flags(trained, train_script, tmp_path, one_thread):
