@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM
+from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM, plotting
 from hf_lossfree_moe.plotting import (
     BIAS_PLOT,
     LOAD_HEATMAP_PLOT,
@@ -78,6 +78,38 @@ def test_routing_history_round_trips_through_json(tmp_path):
     history = RoutingHistory(router_names=ROUTERS, steps=[0, 5], biases=[[[0.0]], [[0.5]]], eval_loads=[[3, 4]])
     history.save(tmp_path / "h.json")
     assert RoutingHistory.load(tmp_path / "h.json") == history
+
+
+@pytest.fixture
+def drawn_labels(monkeypatch):
+    """The layer labels of each figure `draw_run_plots` draws (legend, heatmap rows, bias panels), by file name."""
+    labels = {}
+
+    def keep(fig, path):
+        texts = [text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()]
+        texts += [ax.get_title() for ax in fig.axes] + [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+        labels[path.name] = [text for text in texts if text.startswith("layer ")]
+        return path
+
+    monkeypatch.setattr(plotting, "_save", keep)
+    return labels
+
+
+def test_plots_number_layers_as_the_run_logged_them(finished_run, drawn_labels):
+    """Recorded layer numbers win over the router names; a file from before they were recorded reads the names."""
+    state = finished_run / "trainer_state.json"
+    state.write_text(state.read_text().replace("/layer_1", "/layer_5").replace("/layer_2", "/layer_7"))
+    history = RoutingHistory.load(finished_run / ROUTING_HISTORY_FILE)
+    history.layers = [5, 7]
+    history.save(finished_run / ROUTING_HISTORY_FILE)
+    draw_run_plots(finished_run)
+    assert drawn_labels == {name: ["layer 5", "layer 7"] for name in (MAXVIO_PLOT, LOAD_HEATMAP_PLOT, BIAS_PLOT)}
+
+    old_file = json.loads((finished_run / ROUTING_HISTORY_FILE).read_text())
+    del old_file["layers"]
+    (finished_run / ROUTING_HISTORY_FILE).write_text(json.dumps(old_file))
+    draw_run_plots(finished_run)
+    assert drawn_labels == {name: ["layer 1", "layer 2"] for name in (MAXVIO_PLOT, LOAD_HEATMAP_PLOT, BIAS_PLOT)}
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,9 @@ MAX_ANNOTATED_EXPERTS = 32
 class RoutingHistory:
     """Bias snapshots over training steps and the loads of the last evaluation, per router (layer order).
 
-    `layers` holds each router's decoder-layer index (`model.model.layers[i]`), the numbering of the logs and plots.
+    `layers` holds each router's number in the run's logs, its decoder-layer index (`model.model.layers[i]`), which
+    the plots label it with; a file written before `layers` was recorded numbers its routers from their names, as the
+    balancer of that run did.
     """
 
     router_names: list[str] = field(default_factory=list)
@@ -43,6 +45,10 @@ class RoutingHistory:
     steps: list[int] = field(default_factory=list)
     biases: list[list[list[float]]] = field(default_factory=list)  # (snapshots, routers, experts)
     eval_loads: list[list[int]] | None = None  # (routers, experts) token counts
+
+    def __post_init__(self):
+        if self.router_names and not self.layers:
+            self.layers = layer_numbers(self.router_names)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self)), encoding="utf-8")
@@ -91,22 +97,28 @@ class RoutingHistoryRecorder(TrainerCallback):
             self.history.save(checkpoint / ROUTING_HISTORY_FILE)
 
 
-def layer_labels(router_names: list[str]) -> list[str]:
-    """ "layer 3" for a router of `model.layers[3]`: the numbering of the balancer's metrics."""
-    return [f"layer {layer}" for layer in layer_numbers(router_names)]
+def layer_labels(router_names: list[str], layers: list[int] | None = None) -> list[str]:
+    """ "layer 3" for a router of `model.layers[3]`: the numbering of the balancer's metrics, `layers` where the run
+    recorded it."""
+    return [f"layer {layer}" for layer in (layer_numbers(router_names) if layers is None else layers)]
 
 
-def plot_maxvio_batch(log_history: list[dict], router_names: list[str], path: str | Path) -> Path:
-    """MaxVio_batch over training steps: the mean over MoE layers bold, each layer thin; final MaxVio_global dashed."""
+def plot_maxvio_batch(
+    log_history: list[dict], router_names: list[str], path: str | Path, layers: list[int] | None = None
+) -> Path:
+    """MaxVio_batch over training steps: the mean over MoE layers bold, each layer thin; final MaxVio_global dashed.
+
+    `layers` numbers the routers as the logs do; default: read from `router_names`.
+    """
     logs = [entry for entry in log_history if "maxvio_batch" in entry]
     if not logs:
         raise ValueError("The log history has no 'maxvio_batch' entry: was LossFreeBalancingCallback used?")
     steps = [entry["step"] for entry in logs]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for layer, label in zip(layer_numbers(router_names), layer_labels(router_names), strict=True):
+    for layer in layer_numbers(router_names) if layers is None else layers:
         key = f"maxvio_batch/layer_{layer}"
-        ax.plot(steps, [entry.get(key, np.nan) for entry in logs], lw=1, alpha=0.6, label=label)
+        ax.plot(steps, [entry.get(key, np.nan) for entry in logs], lw=1, alpha=0.6, label=f"layer {layer}")
     ax.plot(steps, [entry["maxvio_batch"] for entry in logs], color="black", lw=2.5, label="mean over layers")
     eval_maxvio = [entry["eval_maxvio_global"] for entry in log_history if "eval_maxvio_global" in entry]
     if eval_maxvio:
@@ -129,8 +141,12 @@ def plot_eval_load_heatmap(
     router_names: list[str],
     path: str | Path,
     title: str = "Validation load / mean load per MoE layer",
+    layers: list[int] | None = None,
 ) -> Path:
-    """Per-layer x per-expert validation load relative to the layer's mean: 1.0 (white) is a perfect balance."""
+    """Per-layer x per-expert validation load relative to the layer's mean: 1.0 (white) is a perfect balance.
+
+    `layers` numbers the rows as the run's logs do; default: read from `router_names`.
+    """
     loads = np.asarray(eval_loads, dtype=np.float64)  # (L, E)
     relative = loads / loads.mean(axis=1, keepdims=True)  # (L, E)
     num_layers, num_experts = relative.shape
@@ -142,7 +158,7 @@ def plot_eval_load_heatmap(
         for (row, col), value in np.ndenumerate(relative):
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(num_experts))
-    ax.set_yticks(range(num_layers), layer_labels(router_names))
+    ax.set_yticks(range(num_layers), layer_labels(router_names, layers))
     ax.set(xlabel="routed expert", title=title)
     fig.colorbar(image, ax=ax, label="relative load")
     return _save(fig, path)
@@ -157,7 +173,9 @@ def plot_bias_trajectories(history: RoutingHistory, path: str | Path) -> Path:
     fig = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     expert_colors = ScalarMappable(norm=Normalize(0, num_experts - 1), cmap="viridis")
-    for index, (ax, label) in enumerate(zip(axes[:num_layers], layer_labels(history.router_names), strict=True)):
+    for index, (ax, label) in enumerate(
+        zip(axes[:num_layers], layer_labels(history.router_names, history.layers), strict=True)
+    ):
         for expert in range(num_experts):
             ax.plot(history.steps, biases[:, index, expert], lw=1, color=expert_colors.to_rgba(expert))
         ax.set_title(label)
@@ -181,11 +199,15 @@ def draw_run_plots(run_dir: str | Path) -> list[Path]:
     log_history = json.loads((run_dir / TRAINER_STATE_FILE).read_text(encoding="utf-8"))["log_history"]
     history = RoutingHistory.load(run_dir / ROUTING_HISTORY_FILE)
     paths = [
-        plot_maxvio_batch(log_history, history.router_names, run_dir / MAXVIO_PLOT),
+        plot_maxvio_batch(log_history, history.router_names, run_dir / MAXVIO_PLOT, history.layers),
         plot_bias_trajectories(history, run_dir / BIAS_PLOT),
     ]
     if history.eval_loads is not None:
-        paths.append(plot_eval_load_heatmap(history.eval_loads, history.router_names, run_dir / LOAD_HEATMAP_PLOT))
+        paths.append(
+            plot_eval_load_heatmap(
+                history.eval_loads, history.router_names, run_dir / LOAD_HEATMAP_PLOT, layers=history.layers
+            )
+        )
     return paths
 
 
