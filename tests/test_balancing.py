@@ -643,3 +643,19 @@ def test_no_warning_for_a_healthy_model(model):
         balancer = LossFreeBalancer(model)
         model(torch.randint(3, 128, (2, 6)))
         balancer.step()
+
+
+def test_a_deep_copy_of_the_model_leaves_the_balancer_and_its_process_group_alone(model):
+    """Process groups refuse to be copied; the copy's forwards must neither fail nor add to the balancer's counts."""
+
+    class ProcessGroupStandIn:
+        def __deepcopy__(self, memo):
+            raise TypeError("cannot pickle 'ProcessGroup' object")
+
+    balancer = LossFreeBalancer(model, process_group=ProcessGroupStandIn())
+    clone = copy.deepcopy(model).train()
+    input_ids, attention_mask = padded_batch([5, 3], seq_len=5)
+    clone(input_ids=input_ids, attention_mask=attention_mask)
+    assert balancer.loads.sum() == 0
+    model(input_ids=input_ids, attention_mask=attention_mask)
+    assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 8] * 2  # 8 real tokens, top-2, per layer

@@ -254,9 +254,15 @@ class LossFreeBalancer:
             _BALANCER_OF_ROUTER[router.module] = self
             self._prepare_bias(index)
         self._generation = GenerationTracker(model)
+        # Functions, not bound methods: a deep copy of the model (a reference model) copies them by reference, so its
+        # hooks reach this balancer, which ignores them, instead of a deep copy of it and of its process group.
         self._hooks = [
-            model.register_forward_pre_hook(self._capture_mask, with_kwargs=True),
-            model.register_forward_hook(self._release_mask, always_call=True),
+            model.register_forward_pre_hook(
+                lambda module, args, kwargs: self._capture_mask(module, args, kwargs), with_kwargs=True
+            ),
+            model.register_forward_hook(
+                lambda module, args, output: self._release_mask(module, args, output), always_call=True
+            ),
             *(
                 r.module.register_forward_hook(
                     lambda module, args, output, index=index: self._count(index, module, output)
