@@ -659,3 +659,70 @@ def test_a_deep_copy_of_the_model_leaves_the_balancer_and_its_process_group_alon
     assert balancer.loads.sum() == 0
     model(input_ids=input_ids, attention_mask=attention_mask)
     assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 8] * 2  # 8 real tokens, top-2, per layer
+
+
+class PausingStreamer:
+    """A streamer whose generate() stops after its prefill forward until `resume` is set."""
+
+    def __init__(self):
+        self.paused, self.resume = threading.Event(), threading.Event()
+        self.puts = 0
+
+    def put(self, tokens):
+        self.puts += 1
+        if self.puts == 2:  # the prompt, then the first new token: the prefill forward has run
+            self.paused.set()
+            assert self.resume.wait(timeout=60)
+
+    def end(self):
+        pass
+
+
+def test_generation_in_another_thread_leaves_this_threads_training_forwards_counted(model):
+    """A sampling thread inside generate() (async RL) must not hide the training forwards of the trainer's thread."""
+    balancer = LossFreeBalancer(model)
+    streamer = PausingStreamer()
+    prompt = torch.randint(3, 128, (2, 5))
+    sampler = threading.Thread(
+        target=lambda: model.generate(prompt, max_new_tokens=3, do_sample=False, streamer=streamer)
+    )
+    sampler.start()
+    try:
+        assert streamer.paused.wait(timeout=60)
+        input_ids, attention_mask = padded_batch([5, 3], seq_len=5)
+        model(input_ids=input_ids, attention_mask=attention_mask).logits.sum().backward()
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        streamer.resume.set()
+        sampler.join()
+    # two forwards of 8 real tokens, top-2, per layer; nothing from the sampler's 3 forwards of 10 and 2 tokens
+    assert balancer.loads.sum(dim=-1).tolist() == [2 * 8 * TOP_K] * 2
+
+
+def test_generate_batch_in_another_thread_leaves_this_threads_training_forwards_counted():
+    """Only threads started during the generate_batch call (its worker) count as generating, not older ones."""
+
+    class BatchGenerating(ToyModel):
+        def generate_batch(self, decoding, resume):
+            def decode():
+                self()
+                decoding.set()
+                assert resume.wait(timeout=60)
+                self()
+
+            worker = threading.Thread(target=decode)
+            worker.start()
+            worker.join()
+
+    model = BatchGenerating(ToyRouter(torch.rand(6, 4), top_k=2), ToyRouter(torch.rand(6, 4), top_k=2)).train()
+    balancer = LossFreeBalancer(model)
+    decoding, resume = threading.Event(), threading.Event()
+    caller = threading.Thread(target=model.generate_batch, args=(decoding, resume))
+    caller.start()
+    try:
+        assert decoding.wait(timeout=60)
+        model()
+    finally:
+        resume.set()
+        caller.join()
+    assert balancer.loads.sum(dim=-1).tolist() == [6 * 2] * 2  # this thread's forward alone: 6 tokens, top-2

@@ -154,10 +154,11 @@ class LossFreeBalancer:
     the end of a row that all have position id 0, label -100 and the config's `pad_token_id`. Everything else counts.
 
     Forwards inside `generate()` (or `generate_batch()`) of the model or any module in it never count toward `step()`,
-    in training or eval mode, with or without grad: rollouts of RL trainers do not steer the biases. Other forwards of
-    a model in training mode under `torch.no_grad()` are counted: reentrant checkpointing runs the real forward
-    without grad, so grad mode cannot tell them apart. Put the model in eval mode, or use `measure()`, for forwards
-    that must not steer the biases.
+    in training or eval mode, with or without grad: rollouts of RL trainers do not steer the biases. This holds per
+    thread (see `GenerationTracker`): another thread's training forwards still count. Other forwards of a model in
+    training mode under `torch.no_grad()` are counted: reentrant checkpointing runs the real forward without grad, so
+    grad mode cannot tell them apart. Put the model in eval mode, or use `measure()`, for forwards that must not steer
+    the biases.
 
     A model has at most one balancer: a new one takes over the routers of the one attached before, whose hooks are
     removed (its `step()` then counts nothing and says so).

@@ -4,13 +4,19 @@ RL trainers (TRL's GRPO, online DPO) generate rollouts with the model in trainin
 hook cannot tell from a training forward (reentrant activation checkpointing runs its forward without grad too).
 `GenerationTracker` wraps the generation entry points (`generate`, `generate_batch`) of the model and of every module
 inside it, on the instances themselves: every way in (PEFT's `PeftModel.generate`, TRL's
-`unwrap_model_for_generation`, `pipeline(...)`) reaches one of them, and a forward pays nothing. `remove()` deletes
-the wrappers, leaving the instances as they were.
+`unwrap_model_for_generation`, `pipeline(...)`) reaches one of them. `remove()` deletes the wrappers, leaving the
+instances as they were.
+
+The tracking is per thread, so that a sampling thread (async RL) does not hide the training forwards of another
+thread. `generate_batch` (continuous batching) decodes in a worker thread that it starts while its caller waits: a
+thread started during a `generate_batch` call in progress counts as generating until the call returns.
 """
 
+import threading
 import types
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -19,13 +25,14 @@ _ABSENT = object()
 
 
 class GenerationTracker:
-    """Counts the generation calls in progress on a model; `active` is True while any runs.
-
-    The count is shared by all threads: `generate_batch` decodes in a worker thread while the caller waits.
-    """
+    """Tracks the generation calls in progress on a model, per thread."""
 
     def __init__(self, model: nn.Module):
-        self.depth = 0
+        self._calls = 0  # in all threads: while 0, `active` is one comparison
+        self._local = threading.local()  # .depth: the calls in progress in this thread
+        # Per generate_batch call in progress: the threads alive when it began, so its worker is any thread not in it.
+        self._batch_calls: tuple[frozenset[threading.Thread], ...] = ()
+        self._lock = threading.Lock()
         self._wrapped: list[tuple[nn.Module, str, Any, types.MethodType]] = []
         for module in model.modules():
             for name in GENERATION_METHODS:
@@ -34,7 +41,15 @@ class GenerationTracker:
 
     @property
     def active(self) -> bool:
-        return self.depth > 0
+        """Whether this thread runs a generation call, or is the worker of a `generate_batch` call in progress."""
+        if not self._calls:
+            return False
+        if torch.compiler.is_compiling():
+            return True  # a graph cannot ask which thread runs it (dynamo cannot trace that): any generation excludes
+        if getattr(self._local, "depth", 0):
+            return True
+        thread = threading.current_thread()
+        return any(thread not in before for before in self._batch_calls)
 
     def remove(self):
         """Delete every wrapper still in place; a wrapper something else has since replaced stays, counting for no one."""
@@ -52,18 +67,35 @@ class GenerationTracker:
         tracker = self
 
         def tracked(self_module, *args, **kwargs):
-            tracker.depth += 1
+            before = frozenset(threading.enumerate()) if name == "generate_batch" else None
+            tracker._enter(before)
             try:
                 if previous is not _ABSENT:
                     return previous(*args, **kwargs)
                 return getattr(type(self_module), name)(self_module, *args, **kwargs)
             finally:
-                tracker.depth -= 1
+                tracker._exit(before)
 
         # Bound to the instance, so a deep copy of the model (a reference model) generates with the copy.
         wrapper = types.MethodType(tracked, module)
         module.__dict__[name] = wrapper
         self._wrapped.append((module, name, previous, wrapper))
+
+    def _enter(self, before: frozenset[threading.Thread] | None):
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        with self._lock:
+            self._calls += 1
+            if before is not None:
+                self._batch_calls += (before,)
+
+    def _exit(self, before: frozenset[threading.Thread] | None):
+        with self._lock:
+            if before is not None:
+                calls = list(self._batch_calls)
+                calls.remove(before)
+                self._batch_calls = tuple(calls)
+            self._calls -= 1
+        self._local.depth -= 1
 
 
 __all__ = ["GENERATION_METHODS", "GenerationTracker"]
