@@ -7,7 +7,8 @@ order, for several seeds; the results folder gets a Markdown table in the paper'
 
     python scripts/reproduce_paper.py --quick --output_dir results_quick     # smoke test: under a minute
     python scripts/reproduce_paper.py --output_dir results                   # 3 methods x 3 seeds: ~35 min, 2 cores
-    python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 10 methods
+    python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 12 methods
+    python scripts/reproduce_paper.py --ablations rules --skip_main --output_dir results_rules    # update rules
     python scripts/reproduce_paper.py --device cuda --hidden_size 512 --max_steps 5000 --output_dir results_gpu
 """
 
@@ -45,6 +46,9 @@ class ReplayArguments:
             "help": f"Ablations besides the main comparison: 'all' or any of {sorted(ABLATIONS)}, "
             "space- or comma-separated."
         },
+    )
+    skip_main: bool = field(
+        default=False, metadata={"help": "Leave out the main comparison (aux loss, loss-free, none): ablations only."}
     )
     device: str = field(default="cpu", metadata={"help": f"One of {DEVICES}."})
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 mixed precision (GPUs)."})
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None):
     overrides = {name: value for name, value in vars(scale_args).items() if value is not None}
     scale = replace(QUICK_SCALE if replay_args.quick else DEFAULT_SCALE, **overrides)
     seeds = replay_args.seeds or ([0] if replay_args.quick else [0, 1, 2])
-    comparisons = select_comparisons(replay_args.ablations)
+    comparisons = select_comparisons(replay_args.ablations, include_main=not replay_args.skip_main)
 
     text = data_args.load()
     blocks, vocab_size = prepare_blocks(text.splits, scale.vocab_size, scale.block_size, data_args.text_column_name)

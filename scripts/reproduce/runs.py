@@ -25,12 +25,17 @@ from transformers.trainer_callback import PrinterCallback
 
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, add_balancing_callback, maxvio
 from hf_lossfree_moe.data import TEXT_COLUMN, tokenize_and_group, train_bpe_tokenizer
+from hf_lossfree_moe.load_metrics import load_metrics
 
 from .methods import Comparison, Method, methods_of
 
 
 # MaxVio_batch "at the end of training" averages the last 5% of the steps: one step alone is mostly sampling noise.
 FINAL_WINDOW_FRACTION = 0.05
+# The routing collapse of a fresh model happens in its first tens of steps; "after it" starts here.
+COLLAPSE_PHASE_STEPS = 50
+# MaxVio_batch below which a run counts as balanced when it stays there.
+BALANCED_MAXVIO_BATCH = 0.5
 # Whole documents are tokenized before being cut into blocks, so no length limit applies to the tokenizer.
 UNLIMITED_LENGTH = 10**9
 DEVICES = ("cpu", "cuda")
@@ -183,7 +188,7 @@ class RunResult:
     `maxvio_global_train` is MaxVio_global over as many training blocks as there are validation blocks, spread evenly
     over the training split and measured the same way after training: set against `maxvio_global`, it tells how much
     of the imbalance on held-out text comes from those documents routing differently from the ones the biases were
-    tuned on."""
+    tuned on. `val_load_metrics` are `load_metrics` of the validation loads (dead experts, CV, min / mean load)."""
 
     method: str
     seed: int
@@ -200,6 +205,25 @@ class RunResult:
     router_names: list[str]
     final_biases: list[list[float]]
     wall_time_s: float
+    val_load_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def peak_maxvio_batch_after_collapse(self) -> float:
+        """Highest MaxVio_batch after step `COLLAPSE_PHASE_STEPS` (over the whole run when it is shorter)."""
+        return peak_after(self.maxvio_batch, COLLAPSE_PHASE_STEPS)
+
+    @property
+    def steps_to_balance(self) -> int | None:
+        """The step from which MaxVio_batch stays below `BALANCED_MAXVIO_BATCH` to the end; None if it never does."""
+        return first_step_staying_below(self.maxvio_batch, BALANCED_MAXVIO_BATCH)
+
+    @property
+    def val_load_cv(self) -> float | None:
+        return self.val_load_metrics.get("val_load_cv")
+
+    @property
+    def val_min_load_ratio(self) -> float | None:
+        return self.val_load_metrics.get("val_min_load_ratio")
 
 
 @torch.no_grad()
@@ -233,6 +257,22 @@ def spread_indices(total: int, count: int) -> list[int]:
     if count >= total:
         return list(range(total))
     return [index * total // count for index in range(count)]
+
+
+def peak_after(curve: Sequence[float], step: int) -> float:
+    """Largest value of a per-step curve (step 1 first) after `step`; the whole curve's when it is not longer."""
+    return max(curve[step:] or curve)
+
+
+def first_step_staying_below(curve: Sequence[float], threshold: float) -> int | None:
+    """The 1-based step from which every value of the curve is below `threshold`; None if its last one is not."""
+    first = None
+    for step, value in enumerate(curve, start=1):
+        if value >= threshold:
+            first = None
+        elif first is None:
+            first = step
+    return first
 
 
 def final_mean(curve: Sequence[float]) -> float:
@@ -301,6 +341,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         router_names=list(balancer.names),
         final_biases=balancer.biases().tolist(),
         wall_time_s=time.perf_counter() - start,
+        val_load_metrics=load_metrics(loads, "val"),
     )
     balancer.remove()
     return result
@@ -325,6 +366,8 @@ def _logged_run(spec: RunSpec) -> RunResult:
     print(
         f"{result.method} seed {result.seed}: perplexity {result.val_perplexity:.3f}, "
         f"MaxVio_global {result.maxvio_global:.3f}, final MaxVio_batch {result.final_maxvio_batch:.3f}, "
+        f"peak after step {COLLAPSE_PHASE_STEPS} {result.peak_maxvio_batch_after_collapse:.3f}, "
+        f"below {BALANCED_MAXVIO_BATCH} from step {result.steps_to_balance}, "
         f"{result.wall_time_s:.0f} s",
         flush=True,
     )
