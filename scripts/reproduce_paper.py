@@ -47,6 +47,13 @@ class ReplayArguments:
             "space- or comma-separated."
         },
     )
+    runs_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder where every finished run is saved as {method}_seed{seed}.json; runs found there are read "
+            "back instead of trained, so an interrupted replay resumes. Runs must share the scale and data."
+        },
+    )
     skip_main: bool = field(
         default=False, metadata={"help": "Leave out the main comparison (aux loss, loss-free, none): ablations only."}
     )
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None):
     execution = plan_execution(num_runs, replay_args.device, replay_args.workers, replay_args.bf16)
     settings = describe_settings(scale, blocks, vocab_size, data, seeds)
     settings["execution"] = f"{execution.describe()}; wall time covers training and evaluation"
-    results = replay(comparisons, seeds, scale, blocks, vocab_size, execution)
+    results = replay(comparisons, seeds, scale, blocks, vocab_size, execution, replay_args.runs_dir)
     output_dir = write_outputs(replay_args.output_dir, comparisons, results, settings, scale)
     print(f"Results in {output_dir}: results.md, results.json, maxvio_batch_*.png, expert_loads_*.png")
 

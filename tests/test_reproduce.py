@@ -1,6 +1,7 @@
 import json
 import math
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from hf_lossfree_moe_scripts.reproduce.report import (
 from hf_lossfree_moe_scripts.reproduce.runs import (
     Execution,
     RunResult,
+    RunSpec,
     Scale,
     build_model,
     final_mean,
@@ -33,6 +35,7 @@ from hf_lossfree_moe_scripts.reproduce.runs import (
     measure_held_out,
     peak_after,
     plan_execution,
+    run_all,
     spread_indices,
 )
 
@@ -144,6 +147,14 @@ def test_json_holds_every_run_and_the_summary(hand_made_results, tmp_path):
 def test_final_maxvio_batch_averages_the_last_five_percent_of_steps():
     assert final_mean(list(range(100))) == pytest.approx((95 + 96 + 97 + 98 + 99) / 5)
     assert final_mean([4.0, 2.0]) == 2.0
+
+
+def test_saved_runs_are_read_back_instead_of_trained(tmp_path):
+    saved = run_result("loss_free", 1, 10.0, 0.1, 0.5, 100.0)
+    (tmp_path / "loss_free_seed1.json").write_text(json.dumps(asdict(saved)))
+    spec = RunSpec(METHODS["loss_free"], 1, TINY_SCALE, blocks=None, vocab_size=128, runs_dir=str(tmp_path))
+    assert spec.saved_result == tmp_path / "loss_free_seed1.json"
+    assert run_all([spec], Execution()) == [saved]  # blocks=None: training it would fail
 
 
 def test_collapse_figures_of_a_maxvio_batch_curve():

@@ -7,6 +7,7 @@ ones. Each run is then evaluated on the same validation blocks: language-model p
 so that methods compare on modelling quality alone) and MaxVio_global from `LossFreeBalancer.measure()`.
 """
 
+import json
 import math
 import os
 import statistics
@@ -14,8 +15,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +180,12 @@ class RunSpec:
     blocks: DatasetDict
     vocab_size: int
     execution: Execution = Execution()
+    runs_dir: str | None = None
+
+    @property
+    def saved_result(self) -> Path | None:
+        """Where the finished run is kept when `runs_dir` is set: `{runs_dir}/{method}_seed{seed}.json`."""
+        return None if self.runs_dir is None else Path(self.runs_dir) / f"{self.method.name}_seed{self.seed}.json"
 
 
 @dataclass
@@ -348,7 +356,27 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
 
 
 def run_all(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:
-    """Run every spec, in `execution.workers` processes when above 1; results come back in the order of `specs`."""
+    """Run every spec, in `execution.workers` processes when above 1; results come back in the order of `specs`.
+
+    A spec whose `saved_result` file exists is read back instead of run, so an interrupted replay resumes.
+    """
+    done = {index: _load_result(spec.saved_result) for index, spec in enumerate(specs) if _is_saved(spec)}
+    pending = [spec for index, spec in enumerate(specs) if index not in done]
+    ran = iter(_run_pending(pending, execution))
+    return [done[index] if index in done else next(ran) for index in range(len(specs))]
+
+
+def _is_saved(spec: RunSpec) -> bool:
+    return spec.saved_result is not None and spec.saved_result.is_file()
+
+
+def _load_result(path: Path) -> RunResult:
+    return RunResult(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def _run_pending(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:
+    if not specs:
+        return []
     if execution.workers == 1:
         return [_logged_run(spec) for spec in specs]
     pool = ProcessPoolExecutor(
@@ -363,6 +391,9 @@ def run_all(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:
 
 def _logged_run(spec: RunSpec) -> RunResult:
     result = train_and_evaluate(spec)
+    if spec.saved_result is not None:
+        spec.saved_result.parent.mkdir(parents=True, exist_ok=True)
+        spec.saved_result.write_text(json.dumps(asdict(result)) + "\n", encoding="utf-8")
     print(
         f"{result.method} seed {result.seed}: perplexity {result.val_perplexity:.3f}, "
         f"MaxVio_global {result.maxvio_global:.3f}, final MaxVio_batch {result.final_maxvio_batch:.3f}, "
@@ -381,8 +412,12 @@ def replay(
     blocks: DatasetDict,
     vocab_size: int,
     execution: Execution = Execution(),
+    runs_dir: str | None = None,
 ) -> list[RunResult]:
-    """Train and evaluate every method of `comparisons` with every seed; results ordered by seed, then method."""
+    """Train and evaluate every method of `comparisons` with every seed; results ordered by seed, then method.
+
+    With `runs_dir`, every finished run is saved there and runs already saved are read back, not run again.
+    """
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must list at least one seed, each once, got {list(seeds)}.")
     if len(blocks["train"]) < scale.batch_size:
@@ -391,7 +426,7 @@ def replay(
             "--batch_size or --block_size, or more data."
         )
     specs = [
-        RunSpec(method, seed, scale, blocks, vocab_size, execution)
+        RunSpec(method, seed, scale, blocks, vocab_size, execution, runs_dir)
         for seed in seeds
         for method in methods_of(comparisons)
     ]
