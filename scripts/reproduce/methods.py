@@ -106,6 +106,7 @@ ABLATIONS = {
         Comparison("bias_type", "Additive vs. multiplicative bias", ("loss_free", "loss_free_multiplicative")),
         Comparison("softmax", "Softmax gate", ("softmax_aux_loss", "softmax_loss_free")),
         Comparison("dsv3", "DeepSeek-V3 combination", ("loss_free", "loss_free_seq_aux")),
+        Comparison("quantile", "Quantile Balancing vs. the sign rule", ("loss_free", "loss_free_quantile")),
         Comparison("rules", "Post-paper update rules", ("loss_free", "loss_free_quantile", "loss_free_smebu")),
     )
 }
