@@ -607,7 +607,7 @@ class LossFreeBalancer:
         token_mask = self._token_mask(topk_indices.size(0), topk_indices.device)
         for counts in sinks:
             counts.add(index, topk_indices, token_mask)
-        if self._candidates is not None and self._train_counts in sinks:
+        if self._candidates is not None and self._train_counts in sinks and self.updates_biases:
             bias = self._bias(index).reshape(-1)
             candidate = quantile_candidate(read_scores(router, output), bias, topk_indices.size(-1), token_mask)
             if candidate is not None:
