@@ -181,7 +181,10 @@ def small_csv(tmp_path):
             ["--config_overrides", '{"num_experts_per_tok": 99}'],
             "num_experts_per_tok must be at most n_routed_experts",
         ),
-        (["--bias_update_rule", "cosine"], r"bias_update_rule must be one of \('sign', 'error'\), got 'cosine'"),
+        (
+            ["--bias_update_rule", "cosine"],
+            r"bias_update_rule must be one of \('sign', 'error', 'quantile', 'smebu'\), got 'cosine'",
+        ),
         (["--config_overrides", '{"n_experts": 4}'], r"\['n_experts'\] are not fields of LossFreeMoeConfig"),
         (["--config_overrides", "hidden_size=4"], "--config_overrides must be a JSON object"),
         (["--resume_from_checkpoint", "nowhere"], "no such checkpoint folder: nowhere"),
