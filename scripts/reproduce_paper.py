@@ -7,7 +7,8 @@ order, for several seeds; the results folder gets a Markdown table in the paper'
 
     python scripts/reproduce_paper.py --quick --output_dir results_quick     # pipeline check: under a minute
     python scripts/reproduce_paper.py --output_dir results                   # 3 methods x 3 seeds: ~35 min, 2 cores
-    python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 10 methods
+    python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 12 methods
+    python scripts/reproduce_paper.py --ablations rules --skip_main --output_dir results_rules    # update rules
     python scripts/reproduce_paper.py --device cuda --hidden_size 512 --max_steps 5000 --output_dir results_gpu
 """
 
@@ -46,6 +47,16 @@ class ReplayArguments:
             "help": f"Ablations besides the main comparison: 'all' or any of {sorted(ABLATIONS)}, "
             "space- or comma-separated."
         },
+    )
+    runs_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder where every finished run is saved as {method}_seed{seed}.json; runs found there are read "
+            "back instead of trained, so an interrupted replay resumes. Runs must share the scale and data."
+        },
+    )
+    skip_main: bool = field(
+        default=False, metadata={"help": "Leave out the main comparison (aux loss, loss-free, none): ablations only."}
     )
     device: str = field(default="cpu", metadata={"help": f"One of {DEVICES}."})
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 mixed precision (GPUs)."})
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None):
     overrides = {name: value for name, value in vars(scale_args).items() if value is not None}
     scale = replace(QUICK_SCALE if replay_args.quick else DEFAULT_SCALE, **overrides)
     seeds = replay_args.seeds or ([0] if replay_args.quick else [0, 1, 2])
-    comparisons = select_comparisons(replay_args.ablations)
+    comparisons = select_comparisons(replay_args.ablations, include_main=not replay_args.skip_main)
 
     text = data_args.load()
     blocks, vocab_size = prepare_blocks(text.splits, scale.vocab_size, scale.block_size, data_args.text_column_name)
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None):
     execution = plan_execution(num_runs, replay_args.device, replay_args.workers, replay_args.bf16)
     settings = describe_settings(scale, blocks, vocab_size, data, seeds)
     settings["execution"] = f"{execution.describe()}; wall time covers training and evaluation"
-    results = replay(comparisons, seeds, scale, blocks, vocab_size, execution)
+    results = replay(comparisons, seeds, scale, blocks, vocab_size, execution, replay_args.runs_dir)
     output_dir = write_outputs(replay_args.output_dir, comparisons, results, settings, scale, replay_args.quick)
     kind = "Pipeline check (--quick, not a result)" if replay_args.quick else "Results"
     print(f"{kind} in {output_dir}: results.md, results.json, maxvio_batch_*.png, expert_loads_*.png")

@@ -134,7 +134,10 @@ class ModelArguments:
         default=None, metadata={"help": "Bias update rate u (the paper: 1e-3). Default: the config's."}
     )
     bias_update_rule: BiasUpdateRule | None = field(
-        default=None, metadata={"help": "sign (Algorithm 1) or error. Default: the config's."}
+        default=None,
+        metadata={
+            "help": "sign (Algorithm 1), error, smebu or quantile (see docs/balancing_rules.md). Default: the config's."
+        },
     )
     bias_type: BiasType | None = field(
         default=None, metadata={"help": "additive or multiplicative. Default: the config's."}

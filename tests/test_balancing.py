@@ -235,6 +235,7 @@ def test_step_without_tokens_changes_nothing_and_says_so(model):
         "maxvio_batch/skipped_layers": 2.0,
         "bias_abs_max": 0.0,
         "bias_abs_mean": 0.0,
+        "bias_update_factor": 1.0,
         "bias_updated": 0.0,
     }
     assert torch.equal(balancer.biases(), torch.zeros(2, 8))

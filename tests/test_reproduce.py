@@ -1,6 +1,7 @@
 import json
 import math
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ from hf_lossfree_moe_scripts.reproduce.methods import (
 )
 from hf_lossfree_moe_scripts.reproduce.report import (
     PIPELINE_CHECK_NOTE,
+    format_mean_std,
     markdown_report,
     markdown_table,
+    mean_std,
     moving_average,
     summarize,
     write_json,
@@ -25,11 +28,15 @@ from hf_lossfree_moe_scripts.reproduce.report import (
 from hf_lossfree_moe_scripts.reproduce.runs import (
     Execution,
     RunResult,
+    RunSpec,
     Scale,
     build_model,
     final_mean,
+    first_step_staying_below,
     measure_held_out,
+    peak_after,
     plan_execution,
+    run_all,
     spread_indices,
 )
 
@@ -70,6 +77,7 @@ def run_result(method: str, seed: int, perplexity: float, maxvio_global: float, 
         router_names=["model.layers.1.mlp.gate"],
         final_biases=[[0.0, 0.0]],
         wall_time_s=wall,
+        val_load_metrics={"val_load_cv": maxvio_global / 4, "val_min_load_ratio": 0.5},
     )
 
 
@@ -93,32 +101,36 @@ def hand_made_results():
 def test_summary_is_mean_and_sample_std_over_seeds(hand_made_results):
     summary = summarize(hand_made_results)
     assert list(summary) == ["loss_free", "aux_loss", "none"]
-    assert summary["loss_free"]["val_perplexity"] == {"mean": 11.0, "std": 1.0, "n": 3}
+    assert summary["loss_free"]["val_perplexity"] == {"mean": 11.0, "std": 1.0, "n": 3, "runs": 3}
     assert summary["loss_free"]["maxvio_global"]["mean"] == pytest.approx(0.2)
     assert summary["loss_free"]["maxvio_global"]["std"] == pytest.approx(0.1)
     assert summary["aux_loss"]["val_perplexity"]["std"] == pytest.approx(math.sqrt(3))
-    assert summary["none"]["wall_time_s"] == {"mean": 80.0, "std": 0.0, "n": 3}
+    assert summary["none"]["wall_time_s"] == {"mean": 80.0, "std": 0.0, "n": 3, "runs": 3}
+    # a one-step MaxVio_batch of 0.5 is never below 0.5; a run that never balances has no step to average
+    assert summary["none"]["steps_to_balance"] == {"mean": None, "std": None, "n": 0, "runs": 3}
 
 
 def test_markdown_table_rows_in_the_papers_format(hand_made_results):
     table = markdown_table(MAIN_COMPARISON, summarize(hand_made_results)).splitlines()
     assert table[0] == (
         "| Method | Validation perplexity | MaxVio_global | MaxVio_global, training blocks | MaxVio_batch (final) "
-        "| Wall time (s) | Paper, 1B: perplexity / MaxVio_global |"
+        "| MaxVio_batch, peak after step 50 | Steps until MaxVio_batch stays < 0.5 | Load CV, validation "
+        "| Min / mean load, validation | Wall time (s) | Paper, 1B: perplexity / MaxVio_global |"
     )
     assert table[2:] == [
         "| Loss-Controlled (aux loss, α=1e-3) | 10.00 ± 1.73 | 0.800 ± 0.173 | 0.400 ± 0.087 | 1.000 ± 0.000 "
-        "| 100 ± 17 | 9.56 / 0.72 |",
-        "| Loss-Free (u=1e-3, sign) | 11.00 ± 1.00 | 0.200 ± 0.100 | 0.100 ± 0.050 | 0.500 ± 0.000 | 110 ± 10 "
-        "| 9.50 / 0.04 |",
-        "| No balancing | 20.00 ± 0.00 | 3.000 ± 0.000 | 1.500 ± 0.000 | 4.000 ± 0.000 | 80 ± 0 | — |",
+        "| 1.00 ± 0.00 | never | 0.200 ± 0.043 | 0.50 ± 0.00 | 100 ± 17 | 9.56 / 0.72 |",
+        "| Loss-Free (u=1e-3, sign) | 11.00 ± 1.00 | 0.200 ± 0.100 | 0.100 ± 0.050 | 0.500 ± 0.000 | 0.50 ± 0.00 "
+        "| never | 0.050 ± 0.025 | 0.50 ± 0.00 | 110 ± 10 | 9.50 / 0.04 |",
+        "| No balancing | 20.00 ± 0.00 | 3.000 ± 0.000 | 1.500 ± 0.000 | 4.000 ± 0.000 | 4.00 ± 0.00 | never "
+        "| 0.750 ± 0.000 | 0.50 ± 0.00 | 80 ± 0 | — |",
     ]
 
 
 def test_one_seed_is_reported_without_a_spread(hand_made_results):
     one_seed = [result for result in hand_made_results if result.seed == 0]
     report = markdown_report([MAIN_COMPARISON], summarize(one_seed), {"seeds": [0]})
-    assert "| Loss-Free (u=1e-3, sign) | 10.00 | 0.100 | 0.050 | 0.500 | 100 | 9.50 / 0.04 |" in report
+    assert "| Loss-Free (u=1e-3, sign) | 10.00 | 0.100 | 0.050 | 0.500 | 0.50 | never | 0.025 | 0.50 | 100 |" in report
     assert "- seeds: [0]" in report
     assert "over 1 seed(s)" in report
 
@@ -141,7 +153,7 @@ def test_json_holds_every_run_and_the_summary(hand_made_results, tmp_path):
     assert payload["pipeline_check"] is False
     assert payload["settings"] == {"seeds": [0, 1, 2]}
     assert payload["scale"]["n_routed_experts"] == 8
-    assert payload["summary"]["loss_free"]["val_perplexity"] == {"mean": 11.0, "std": 1.0, "n": 3}
+    assert payload["summary"]["loss_free"]["val_perplexity"] == {"mean": 11.0, "std": 1.0, "n": 3, "runs": 3}
     assert [(run["method"], run["seed"]) for run in payload["runs"]][:3] == [("loss_free", s) for s in (0, 1, 2)]
     assert [run["val_perplexity"] for run in payload["runs"] if run["method"] == "aux_loss"] == [9.0, 9.0, 12.0]
 
@@ -149,6 +161,29 @@ def test_json_holds_every_run_and_the_summary(hand_made_results, tmp_path):
 def test_final_maxvio_batch_averages_the_last_five_percent_of_steps():
     assert final_mean(list(range(100))) == pytest.approx((95 + 96 + 97 + 98 + 99) / 5)
     assert final_mean([4.0, 2.0]) == 2.0
+
+
+def test_saved_runs_are_read_back_instead_of_trained(tmp_path):
+    saved = run_result("loss_free", 1, 10.0, 0.1, 0.5, 100.0)
+    (tmp_path / "loss_free_seed1.json").write_text(json.dumps(asdict(saved)))
+    spec = RunSpec(METHODS["loss_free"], 1, TINY_SCALE, blocks=None, vocab_size=128, runs_dir=str(tmp_path))
+    assert spec.saved_result == tmp_path / "loss_free_seed1.json"
+    assert run_all([spec], Execution()) == [saved]  # blocks=None: training it would fail
+
+
+def test_collapse_figures_of_a_maxvio_batch_curve():
+    curve = [7.0] * 30 + [0.8] * 30 + [0.4, 0.6] + [0.3] * 10  # 72 steps
+    assert peak_after(curve, 50) == 0.8
+    assert peak_after(curve[:40], 50) == 7.0  # a run shorter than the collapse phase: its whole curve
+    assert first_step_staying_below(curve, 0.5) == 63  # the 0.4 at step 61 does not last
+    assert first_step_staying_below(curve[:62], 0.5) is None
+
+
+def test_a_metric_missing_in_some_runs_is_averaged_over_the_others():
+    stats = mean_std([100, None, 200])
+    assert stats == {"mean": 150.0, "std": pytest.approx(math.sqrt(5000)), "n": 2, "runs": 3}
+    assert format_mean_std(stats, 0) == "150 ± 71 (2 of 3 runs)"
+    assert format_mean_std(mean_std([None]), 0, "never") == "never"
 
 
 def test_training_blocks_for_balance_are_spread_over_the_split():
@@ -205,10 +240,13 @@ def test_ablation_selection():
     comparisons = select_comparisons(["all"])
     assert [c.name for c in comparisons] == ["main", *ABLATIONS]
     names = [method.name for method in methods_of(comparisons)]
-    assert len(names) == len(set(names)) == 10
+    assert len(names) == len(set(names)) == 12
     assert [c.name for c in select_comparisons(["rule", "rule"])] == ["main", "rule"]
     assert [c.name for c in select_comparisons(["softmax,rule"])] == ["main", "softmax", "rule"]
     assert [c.name for c in select_comparisons([])] == ["main"]
+    assert [c.name for c in select_comparisons(["rules"], include_main=False)] == ["rules"]
+    with pytest.raises(ValueError, match="--skip_main needs at least one comparison"):
+        select_comparisons([], include_main=False)
     with pytest.raises(ValueError, match="--ablations must be 'all' or names among"):
         select_comparisons(["learning_rate"])
 

@@ -65,6 +65,21 @@ METHODS = {
             "9.599 / 0.027",
         ),
         Method(
+            "loss_free_quantile",
+            "Loss-Free, Quantile Balancing (EMA 0.2)",
+            {"load_balancing": "loss_free", "bias_update_rule": "quantile", "bias_quantile_ema": 0.2},
+        ),
+        Method(
+            "loss_free_quantile_no_ema",
+            "Loss-Free, Quantile Balancing (no EMA)",
+            {"load_balancing": "loss_free", "bias_update_rule": "quantile", "bias_quantile_ema": 1.0},
+        ),
+        Method(
+            "loss_free_smebu",
+            "Loss-Free, SMEBU-style (u=1e-2, momentum 0.9)",
+            {"load_balancing": "loss_free", "bias_update_rule": "smebu", "bias_update_rate": 1e-2},
+        ),
+        Method(
             "loss_free_seq_aux",
             "Loss-Free + sequence-wise aux loss (α=1e-4, DeepSeek-V3)",
             {"load_balancing": "loss_free", "router_aux_loss_coef": 1e-4},
@@ -91,18 +106,23 @@ ABLATIONS = {
         Comparison("bias_type", "Additive vs. multiplicative bias", ("loss_free", "loss_free_multiplicative")),
         Comparison("softmax", "Softmax gate", ("softmax_aux_loss", "softmax_loss_free")),
         Comparison("dsv3", "DeepSeek-V3 combination", ("loss_free", "loss_free_seq_aux")),
+        Comparison("quantile", "Quantile Balancing vs. the sign rule", ("loss_free", "loss_free_quantile")),
+        Comparison("rules", "Post-paper update rules", ("loss_free", "loss_free_quantile", "loss_free_smebu")),
     )
 }
 
 
-def select_comparisons(ablations: Sequence[str]) -> list[Comparison]:
-    """The main comparison followed by the named ablations (`"all"` selects every one); names may be comma-joined."""
+def select_comparisons(ablations: Sequence[str], include_main: bool = True) -> list[Comparison]:
+    """The main comparison (unless `include_main` is False) followed by the named ablations (`"all"` selects every
+    one); names may be comma-joined."""
     names = list(dict.fromkeys(name for item in ablations for name in item.split(",") if name))
     names = list(ABLATIONS) if names == ["all"] else names
     unknown = [name for name in names if name not in ABLATIONS]
     if unknown:
         raise ValueError(f"--ablations must be 'all' or names among {sorted(ABLATIONS)}, got {unknown}.")
-    return [MAIN_COMPARISON, *(ABLATIONS[name] for name in names)]
+    if not include_main and not names:
+        raise ValueError("--skip_main needs at least one comparison in --ablations.")
+    return [MAIN_COMPARISON] * include_main + [ABLATIONS[name] for name in names]
 
 
 def methods_of(comparisons: Sequence[Comparison]) -> list[Method]:

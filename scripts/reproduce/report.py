@@ -15,7 +15,14 @@ from hf_lossfree_moe.model_card import count_active_parameters
 from hf_lossfree_moe.plotting import plot_eval_load_heatmap
 
 from .methods import METHODS, Comparison, methods_of
-from .runs import FINAL_WINDOW_FRACTION, RunResult, Scale, build_model
+from .runs import (
+    BALANCED_MAXVIO_BATCH,
+    COLLAPSE_PHASE_STEPS,
+    FINAL_WINDOW_FRACTION,
+    RunResult,
+    Scale,
+    build_model,
+)
 
 
 SUMMARY_METRICS = (
@@ -24,16 +31,23 @@ SUMMARY_METRICS = (
     "maxvio_global",
     "maxvio_global_train",
     "final_maxvio_batch",
+    "peak_maxvio_batch_after_collapse",
+    "steps_to_balance",
+    "val_load_cv",
+    "val_min_load_ratio",
     "wall_time_s",
 )
 
 
-def mean_std(values: Sequence[float]) -> dict:
-    """{"mean", "std" (sample std, None for one value), "n"}."""
+def mean_std(values: Sequence[float | None]) -> dict:
+    """{"mean", "std" (sample std, None for one value), "n", "runs"} over the values that are not None (a run that
+    never reached a threshold); mean and std are None when every value is."""
     if not values:
         raise ValueError("mean_std needs at least one value.")
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    present = [value for value in values if value is not None]
+    mean = statistics.fmean(present) if present else None
+    std = statistics.stdev(present) if len(present) > 1 else None
+    return {"mean": mean, "std": std, "n": len(present), "runs": len(values)}
 
 
 def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, dict]]:
@@ -47,10 +61,16 @@ def summarize(results: Sequence[RunResult]) -> dict[str, dict[str, dict]]:
     }
 
 
-def format_mean_std(stats: dict, digits: int) -> str:
-    if stats["std"] is None:
-        return f"{stats['mean']:.{digits}f}"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+def format_mean_std(stats: dict, digits: int, missing: str = "—") -> str:
+    """`mean ± std`; a value missing in some runs (e.g. never balanced) is marked `(n of runs)`, in all: `missing`."""
+    if stats["mean"] is None:
+        return missing
+    text = f"{stats['mean']:.{digits}f}"
+    if stats["std"] is not None:
+        text += f" ± {stats['std']:.{digits}f}"
+    if stats["n"] < stats.get("runs", stats["n"]):
+        text += f" ({stats['n']} of {stats['runs']} runs)"
+    return text
 
 
 TABLE_COLUMNS = (
@@ -58,6 +78,10 @@ TABLE_COLUMNS = (
     ("MaxVio_global", "maxvio_global", 3),
     ("MaxVio_global, training blocks", "maxvio_global_train", 3),
     ("MaxVio_batch (final)", "final_maxvio_batch", 3),
+    (f"MaxVio_batch, peak after step {COLLAPSE_PHASE_STEPS}", "peak_maxvio_batch_after_collapse", 2),
+    (f"Steps until MaxVio_batch stays < {BALANCED_MAXVIO_BATCH}", "steps_to_balance", 0),
+    ("Load CV, validation", "val_load_cv", 3),
+    ("Min / mean load, validation", "val_min_load_ratio", 2),
     ("Wall time (s)", "wall_time_s", 0),
 )
 
@@ -68,7 +92,10 @@ def markdown_table(comparison: Comparison, summary: dict[str, dict[str, dict]]) 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in comparison.methods:
         method = METHODS[name]
-        cells = [format_mean_std(summary[name][metric], digits) for _, metric, digits in TABLE_COLUMNS]
+        cells = [
+            format_mean_std(summary[name][metric], digits, "never" if metric == "steps_to_balance" else "—")
+            for _, metric, digits in TABLE_COLUMNS
+        ]
         lines.append("| " + " | ".join([method.label, *cells, method.paper]) + " |")
     return "\n".join(lines)
 
@@ -99,8 +126,11 @@ def markdown_report(
         f"Each cell is the mean ± sample standard deviation over {len(seeds)} seed(s). Validation perplexity is the "
         "language-model perplexity alone (no balance loss). MaxVio_global is measured on the whole validation split "
         "(and, as a diagnostic, on as many training blocks), "
-        f"MaxVio_batch (final) averages the last {FINAL_WINDOW_FRACTION:.0%} of training steps; every MaxVio column is "
-        "a mean over MoE layers.",
+        f"MaxVio_batch (final) averages the last {FINAL_WINDOW_FRACTION:.0%} of training steps; its peak after step "
+        f"{COLLAPSE_PHASE_STEPS} is the largest single-step value once the early routing collapse should be over, and "
+        f"'steps until < {BALANCED_MAXVIO_BATCH}' is the step from which it stays below {BALANCED_MAXVIO_BATCH} to the "
+        "end. Load CV (std / mean of the expert loads) and min / mean load are measured on the validation split. "
+        "Every MaxVio and load column is a mean over MoE layers.",
     ]
     for comparison in comparisons:
         lines += ["", f"## {comparison.title}", "", markdown_table(comparison, summary)]

@@ -7,6 +7,7 @@ ones. Each run is then evaluated on the same validation blocks: language-model p
 so that methods compare on modelling quality alone) and MaxVio_global from `LossFreeBalancer.measure()`.
 """
 
+import json
 import math
 import os
 import statistics
@@ -14,8 +15,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +27,17 @@ from transformers.trainer_callback import PrinterCallback
 
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, add_balancing_callback, maxvio
 from hf_lossfree_moe.data import TEXT_COLUMN, tokenize_and_group, train_bpe_tokenizer
+from hf_lossfree_moe.load_metrics import load_metrics
 
 from .methods import Comparison, Method, methods_of
 
 
 # MaxVio_batch "at the end of training" averages the last 5% of the steps: one step alone is mostly sampling noise.
 FINAL_WINDOW_FRACTION = 0.05
+# The routing collapse of a fresh model happens in its first tens of steps; "after it" starts here.
+COLLAPSE_PHASE_STEPS = 50
+# MaxVio_batch below which a run counts as balanced when it stays there.
+BALANCED_MAXVIO_BATCH = 0.5
 # Whole documents are tokenized before being cut into blocks, so no length limit applies to the tokenizer.
 UNLIMITED_LENGTH = 10**9
 DEVICES = ("cpu", "cuda")
@@ -173,6 +180,12 @@ class RunSpec:
     blocks: DatasetDict
     vocab_size: int
     execution: Execution = Execution()
+    runs_dir: str | None = None
+
+    @property
+    def saved_result(self) -> Path | None:
+        """Where the finished run is kept when `runs_dir` is set: `{runs_dir}/{method}_seed{seed}.json`."""
+        return None if self.runs_dir is None else Path(self.runs_dir) / f"{self.method.name}_seed{self.seed}.json"
 
 
 @dataclass
@@ -185,7 +198,7 @@ class RunResult:
     `maxvio_global_train` is MaxVio_global over as many training blocks as there are validation blocks, spread evenly
     over the training split and measured the same way after training: set against `maxvio_global`, it tells how much
     of the imbalance on held-out text comes from those documents routing differently from the ones the biases were
-    tuned on."""
+    tuned on. `val_load_metrics` are `load_metrics` of the validation loads (dead experts, CV, min / mean load)."""
 
     method: str
     seed: int
@@ -203,6 +216,25 @@ class RunResult:
     router_names: list[str]
     final_biases: list[list[float]]
     wall_time_s: float
+    val_load_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def peak_maxvio_batch_after_collapse(self) -> float:
+        """Highest MaxVio_batch after step `COLLAPSE_PHASE_STEPS` (over the whole run when it is shorter)."""
+        return peak_after(self.maxvio_batch, COLLAPSE_PHASE_STEPS)
+
+    @property
+    def steps_to_balance(self) -> int | None:
+        """The step from which MaxVio_batch stays below `BALANCED_MAXVIO_BATCH` to the end; None if it never does."""
+        return first_step_staying_below(self.maxvio_batch, BALANCED_MAXVIO_BATCH)
+
+    @property
+    def val_load_cv(self) -> float | None:
+        return self.val_load_metrics.get("val_load_cv")
+
+    @property
+    def val_min_load_ratio(self) -> float | None:
+        return self.val_load_metrics.get("val_min_load_ratio")
 
 
 @torch.no_grad()
@@ -236,6 +268,22 @@ def spread_indices(total: int, count: int) -> list[int]:
     if count >= total:
         return list(range(total))
     return [index * total // count for index in range(count)]
+
+
+def peak_after(curve: Sequence[float], step: int) -> float:
+    """Largest value of a per-step curve (step 1 first) after `step`; the whole curve's when it is not longer."""
+    return max(curve[step:] or curve)
+
+
+def first_step_staying_below(curve: Sequence[float], threshold: float) -> int | None:
+    """The 1-based step from which every value of the curve is below `threshold`; None if its last one is not."""
+    first = None
+    for step, value in enumerate(curve, start=1):
+        if value >= threshold:
+            first = None
+        elif first is None:
+            first = step
+    return first
 
 
 def final_mean(curve: Sequence[float]) -> float:
@@ -306,13 +354,39 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         router_names=list(balancer.names),
         final_biases=balancer.biases().tolist(),
         wall_time_s=time.perf_counter() - start,
+        val_load_metrics=load_metrics(loads, "val"),
     )
     balancer.remove()
     return result
 
 
 def run_all(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:
-    """Run every spec, in `execution.workers` processes when above 1; results come back in the order of `specs`."""
+    """Run every spec, in `execution.workers` processes when above 1; results come back in the order of `specs`.
+
+    A spec whose `saved_result` file exists is read back instead of run, so an interrupted replay resumes.
+    """
+    done = {index: _load_result(spec.saved_result) for index, spec in enumerate(specs) if _is_saved(spec)}
+    pending = [spec for index, spec in enumerate(specs) if index not in done]
+    ran = iter(_run_pending(pending, execution))
+    return [done[index] if index in done else next(ran) for index in range(len(specs))]
+
+
+def _is_saved(spec: RunSpec) -> bool:
+    return spec.saved_result is not None and spec.saved_result.is_file()
+
+
+def _load_result(path: Path) -> RunResult:
+    fields = json.loads(path.read_text(encoding="utf-8"))
+    # JSON object keys are strings; the per-layer MaxVio is keyed by decoder-layer number.
+    fields["maxvio_global_per_layer"] = {
+        int(layer): value for layer, value in fields["maxvio_global_per_layer"].items()
+    }
+    return RunResult(**fields)
+
+
+def _run_pending(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:
+    if not specs:
+        return []
     if execution.workers == 1:
         return [_logged_run(spec) for spec in specs]
     pool = ProcessPoolExecutor(
@@ -327,9 +401,14 @@ def run_all(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:
 
 def _logged_run(spec: RunSpec) -> RunResult:
     result = train_and_evaluate(spec)
+    if spec.saved_result is not None:
+        spec.saved_result.parent.mkdir(parents=True, exist_ok=True)
+        spec.saved_result.write_text(json.dumps(asdict(result)) + "\n", encoding="utf-8")
     print(
         f"{result.method} seed {result.seed}: perplexity {result.val_perplexity:.3f}, "
         f"MaxVio_global {result.maxvio_global:.3f}, final MaxVio_batch {result.final_maxvio_batch:.3f}, "
+        f"peak after step {COLLAPSE_PHASE_STEPS} {result.peak_maxvio_batch_after_collapse:.3f}, "
+        f"below {BALANCED_MAXVIO_BATCH} from step {result.steps_to_balance}, "
         f"{result.wall_time_s:.0f} s",
         flush=True,
     )
@@ -343,8 +422,12 @@ def replay(
     blocks: DatasetDict,
     vocab_size: int,
     execution: Execution = Execution(),
+    runs_dir: str | None = None,
 ) -> list[RunResult]:
-    """Train and evaluate every method of `comparisons` with every seed; results ordered by seed, then method."""
+    """Train and evaluate every method of `comparisons` with every seed; results ordered by seed, then method.
+
+    With `runs_dir`, every finished run is saved there and runs already saved are read back, not run again.
+    """
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must list at least one seed, each once, got {list(seeds)}.")
     if len(blocks["train"]) < scale.batch_size:
@@ -353,7 +436,7 @@ def replay(
             "--batch_size or --block_size, or more data."
         )
     specs = [
-        RunSpec(method, seed, scale, blocks, vocab_size, execution)
+        RunSpec(method, seed, scale, blocks, vocab_size, execution, runs_dir)
         for seed in seeds
         for method in methods_of(comparisons)
     ]

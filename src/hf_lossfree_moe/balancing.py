@@ -3,10 +3,10 @@
 The model routes; this module balances. Forward hooks on every router count how many tokens each expert received
 (padding excluded, training forwards only, none inside `generate()`, never twice under activation checkpointing).
 `step()`, called once per optimizer step, sums the counts over data-parallel ranks in one collective and moves every
-bias in place, in fp32: `b += u * sign(mean(c) - c)`. Routers are found by behaviour (a module holding
-`e_score_correction_bias` whose forward returns `(router_logits, topk_weights, topk_indices)`, the DeepSeek-V3
-contract), so transformers' MoE families with that router work as they are; families with another layout plug in
-through `register_router_adapter`.
+bias in place, in fp32: `b += u * sign(mean(c) - c)`, or another rule of update_rules.py. Routers are found by
+behaviour (a module holding `e_score_correction_bias` whose forward returns `(router_logits, topk_weights,
+topk_indices)`, the DeepSeek-V3 contract), so transformers' MoE families with that router work as they are; families
+with another layout plug in through `register_router_adapter`.
 """
 
 import inspect
@@ -20,19 +20,32 @@ import torch.distributed as dist
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from .configuration_lossfree_moe import BiasType, BiasUpdateRule
+from .configuration_lossfree_moe import BiasType
 from .generation import GenerationTracker
-from .load_metrics import MaxVio, maxvio
+from .load_metrics import MaxVio, load_metrics, maxvio
 from .process_groups import LoadSum
-from .routers import BIAS_NAME, FoundRouter, find_routers, layer_numbers
+from .routers import BIAS_NAME, FoundRouter, find_routers, layer_numbers, read_scores, scoring_function
+from .update_rules import (
+    UPDATE_RULES,
+    UpdateSchedule,
+    check_rule_options,
+    check_schedule,
+    check_total_steps,
+    quantile_candidate,
+    rule_update,
+)
 
 
-UPDATE_RULES = get_args(BiasUpdateRule)
 BIAS_TYPES = get_args(BiasType)
 # Used when the model's config does not say (e.g. transformers' DeepSeek-V3): the paper's and DeepSeek-V3's values.
 DEFAULT_UPDATE_RATE = 1e-3
 DEFAULT_UPDATE_RULE = "sign"
 DEFAULT_BIAS_TYPE = "additive"
+DEFAULT_SCHEDULE = "constant"
+DEFAULT_WARMUP_STEPS = 0
+DEFAULT_STOP_FRACTION = 1.0
+DEFAULT_QUANTILE_EMA = 1.0
+DEFAULT_MOMENTUM = 0.9
 NEUTRAL_BIAS = {"additive": 0.0, "multiplicative": 1.0}
 # The label of a token without loss (transformers' `ignore_index`): padding-free collators give it to their padding.
 IGNORE_INDEX = -100
@@ -69,6 +82,33 @@ class _ExpertCounts:
 
     def reset(self):
         torch._foreach_zero_(self._counts)
+
+
+class _QuantileCandidates:
+    """Sum and number of Quantile Balancing's per-call candidate biases, per router: (E,) fp32 and a count."""
+
+    def __init__(self, num_routers: int, num_experts: int):
+        self.num_experts = num_experts
+        self._sums: list[torch.Tensor | None] = [None] * num_routers
+        self._calls = [0] * num_routers
+
+    def add(self, index: int, candidate: torch.Tensor):
+        sums = self._sums[index]
+        self._sums[index] = candidate if sums is None else sums.to(candidate.device) + candidate
+        self._calls[index] += 1
+
+    def stacked(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routers, experts) fp64 sums and (routers, 1) fp64 numbers of calls, on `device`."""
+        rows = [
+            torch.zeros(self.num_experts, dtype=torch.float64, device=device) if sums is None else sums.double()
+            for sums in self._sums
+        ]
+        calls = torch.tensor(self._calls, dtype=torch.float64, device=device).unsqueeze(-1)
+        return _stack_on(rows, device), calls
+
+    def reset(self):
+        self._sums = [None] * len(self._sums)
+        self._calls = [0] * len(self._calls)
 
 
 class LoadMeasurement:
@@ -167,7 +207,8 @@ class LossFreeBalancer:
         model: The model, possibly wrapped by DDP, FSDP or Accelerate. Its routers are found by behaviour.
         update_rate (`float`, *optional*): u; defaults to `model.config.bias_update_rate`, else 1e-3. 0 only measures.
         rule (`str`, *optional*): `"sign"`: `b += u * sign(mean - c)` (Algorithm 1); `"error"`:
-            `b += u * (mean - c) / mean`. Defaults to `model.config.bias_update_rule`, else `"sign"`.
+            `b += u * (mean - c) / mean`; `"smebu"`; `"quantile"` (Quantile Balancing, from the router's scores; see
+            update_rules.py). Defaults to `model.config.bias_update_rule`, else `"sign"`.
         bias_type (`str`, *optional*): `"additive"` (routers select on `s + b`, neutral bias 0) or
             `"multiplicative"` (they select on `s * b`, neutral bias 1). Defaults to `model.config.bias_type`, else
             `"additive"`. The update is the same rule in both cases (see `step`); the type sets the neutral value
@@ -180,6 +221,14 @@ class LossFreeBalancer:
         process_group (*optional*): The group the counts are summed over. Default: for a model loaded with
             `from_pretrained(..., distributed_config=...)`, its data-parallel ranks and pipeline stages (tensor- and
             expert-parallel ranks route the same tokens and are not summed twice); otherwise the whole world.
+        schedule, warmup_steps, stop_fraction (*optional*): The update-rate schedule (`UpdateSchedule`); default:
+            `model.config.bias_update_schedule`, `bias_update_warmup_steps`, `bias_update_stop_fraction`, else
+            constant, 0, 1.
+        quantile_ema (`float`, *optional*): Weight w of the new candidate for `"quantile"`; default:
+            `model.config.bias_quantile_ema`, else 1.
+        momentum (`float`, *optional*): mu of `"smebu"`; default: `model.config.bias_update_momentum`, else 0.9.
+        total_steps (`int`, *optional*): Optimizer steps of the run, needed by a `"cosine"` schedule or a stop
+            fraction below 1 (the Trainer callback sets it from `max_steps`). Settable later as `total_steps`.
 
     Models whose config says `load_balancing="aux_loss"` or `"none"` are only measured: their biases stay fixed.
 
@@ -207,13 +256,33 @@ class LossFreeBalancer:
         center: bool = False,
         frozen: bool | None = None,
         process_group: "dist.ProcessGroup | None" = None,
+        schedule: str | None = None,
+        warmup_steps: int | None = None,
+        stop_fraction: float | None = None,
+        quantile_ema: float | None = None,
+        momentum: float | None = None,
+        total_steps: int | None = None,
     ):
         model = extract_model_from_parallel(model, keep_torch_compile=False)
         config = getattr(model, "config", None)
         self.update_rate = _setting(update_rate, config, "bias_update_rate", DEFAULT_UPDATE_RATE)
         self.rule = _setting(rule, config, "bias_update_rule", DEFAULT_UPDATE_RULE)
         self.bias_type = _setting(bias_type, config, "bias_type", DEFAULT_BIAS_TYPE)
+        self.quantile_ema = _setting(quantile_ema, config, "bias_quantile_ema", DEFAULT_QUANTILE_EMA)
+        self.momentum = _setting(momentum, config, "bias_update_momentum", DEFAULT_MOMENTUM)
         check_settings(self.update_rate, self.rule, self.bias_type, center, frozen)
+        check_rule_options(self.rule, self.quantile_ema, self.momentum)
+        self.schedule = UpdateSchedule(
+            _setting(schedule, config, "bias_update_schedule", DEFAULT_SCHEDULE),
+            _setting(warmup_steps, config, "bias_update_warmup_steps", DEFAULT_WARMUP_STEPS),
+            _setting(stop_fraction, config, "bias_update_stop_fraction", DEFAULT_STOP_FRACTION),
+        )
+        if self.rule == "quantile" and self.bias_type != "additive":
+            raise ValueError("rule='quantile' computes an additive bias; it needs bias_type='additive'.")
+        self._total_steps = None
+        if total_steps is not None:
+            self.total_steps = total_steps
+        self.completed_steps = 0
         load_balancing = getattr(config, "load_balancing", "loss_free")
         if load_balancing != "loss_free" and (frozen is False or (update_rate is not None and update_rate > 0)):
             raise ValueError(
@@ -236,6 +305,14 @@ class LossFreeBalancer:
         num_experts = {getattr(r.bias_owner, r.bias_attr).numel() for r in found}
         if len(num_experts) != 1:
             raise ValueError(f"Every router must have the same number of experts, got {sorted(num_experts)}.")
+        if self.rule == "quantile":
+            unreadable = [r for r in found if r.adapter.scores is None and scoring_function(r.module) is None]
+            if unreadable:
+                raise ValueError(
+                    f"rule='quantile' needs the routers' scores, but {unreadable[0].name} "
+                    f"({type(unreadable[0].module).__name__}) names a scoring function other than sigmoid or softmax. "
+                    "Give its `RouterAdapter` a `scores` function, or choose another rule."
+                )
         for previous in {_BALANCER_OF_ROUTER[r.module] for r in found if r.module in _BALANCER_OF_ROUTER}:
             previous.remove()  # two balancers would count every token twice
         self._routers = found
@@ -243,6 +320,8 @@ class LossFreeBalancer:
         self._weight_slots = [_weight_slots(router) for router in found]
         self.num_experts = num_experts.pop()
         self._train_counts = _ExpertCounts(self._bias_devices(), self.num_experts)
+        self._candidates = _QuantileCandidates(len(found), self.num_experts) if self.rule == "quantile" else None
+        self._momentum_state = torch.zeros(len(found), self.num_experts, dtype=torch.float64)
         self._measurements: list[LoadMeasurement] = []
         self._masks: list[torch.Tensor | None] = []
         self._argument_positions = {
@@ -314,6 +393,16 @@ class LossFreeBalancer:
     def __len__(self) -> int:
         return len(self._routers)
 
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer steps of the run, for schedules that decay or stop (None: not given)."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int):
+        check_total_steps(value)
+        self._total_steps = value
+
     def step(self) -> dict[str, float]:
         """Update every bias from the loads of the whole optimizer step, then reset the counts.
 
@@ -323,6 +412,10 @@ class LossFreeBalancer:
 
         - `"sign"`: `b += u * sign(mean(c) - c)` (Algorithm 1);
         - `"error"`: `b += u * (mean(c) - c) / mean(c)` (the paper's ablation);
+        - `"smebu"` and `"quantile"`: see update_rules.py; `"quantile"` takes the mean over router calls and ranks of
+          the candidate biases computed at each router call, and its counts, sums and numbers of calls travel in
+          one fp64 `all_reduce`;
+        - the schedule's factor for this update multiplies u (for `"quantile"`, the EMA weight);
         - `center=True` then subtracts the mean of each layer's update.
 
         A multiplicative bias (routers select on `s * b`) gets the same additive step, from the paper's starting
@@ -334,18 +427,36 @@ class LossFreeBalancer:
         Returns:
             Plain floats: `maxvio_batch` (mean over layers that received tokens), `maxvio_batch/layer_{i}` (i is
             the layer number of `layers`), `maxvio_batch/skipped_layers` (how many layers received no token, when
-            any did not), `bias_abs_max` and `bias_abs_mean` (distance from the neutral bias, 0 or 1), and
+            any did not), `batch_dead_expert_fraction`, `batch_load_cv`, `batch_min_load_ratio` (see
+            `load_metrics`), `bias_update_factor` (the schedule's factor), `bias_abs_max` and `bias_abs_mean` (distance from the neutral bias, 0 or 1), and
             `bias_updated` (1.0 or 0.0). With no token counted since the last step there is no MaxVio entry, a
             warning says so (and says to call `model.train()` when the model ran in eval mode), and no bias moves.
         """
         loads = self.loads  # (L, E)
         self._train_counts.reset()
         ran_in_eval_mode, self._uncounted_eval_forwards = self._uncounted_eval_forwards, False
-        self._all_reduce(loads)
+        candidates = None
+        if self._candidates is None:
+            self._all_reduce(loads)
+        else:
+            sums, calls = self._candidates.stacked(self.device)
+            self._candidates.reset()
+            gathered = torch.cat([loads.double(), sums, calls], dim=-1)  # (L, 2E + 1): one collective
+            self._all_reduce(gathered)
+            gathered = gathered.cpu()
+            loads = gathered[:, : self.num_experts].round().long()
+            sums, calls = gathered[:, self.num_experts : -1], gathered[:, -1:]
+            candidates = sums / calls.clamp(min=1)  # (L, E): mean over calls and ranks
         loads = loads.cpu()
         counted = loads.sum(dim=-1) > 0  # (L,)
-        any_counted = bool(counted.any())
+        if candidates is not None:
+            counted &= calls.squeeze(-1) > 0
+        any_counted = bool(loads.sum() > 0)
+        self.completed_steps += 1
+        factor = self.schedule.factor(self.completed_steps, self._total_steps) if self.updates_biases else 0.0
         stats = maxvio(loads, self.layers).metrics("maxvio_batch")
+        stats.update(load_metrics(loads, "batch"))
+        stats["bias_update_factor"] = factor
         if not any_counted:
             reason = (
                 "this balancer is detached: `remove()` was called or a newer balancer took over the routers."
@@ -361,7 +472,7 @@ class LossFreeBalancer:
             )
         biases = [self._bias(index) for index in range(len(self))]
         updated = []
-        if self.updates_biases and any_counted:
+        if self.updates_biases and any_counted and factor > 0:
             movable = counted.clone()
             if self.frozen is None:
                 movable &= torch.tensor([not self._weights_frozen(index) for index in range(len(self))])
@@ -369,7 +480,9 @@ class LossFreeBalancer:
             for index in updated:
                 biases[index] = self._fp32_bias(index)
             if updated:
-                self._add_updates([biases[index] for index in updated], self._update(loads[movable]).float())
+                current = _stack_on([biases[index] for index in updated], torch.device("cpu"), torch.float64)
+                delta = self._update(loads[movable], current, factor, movable, candidates)
+                self._add_updates([biases[index] for index in updated], delta.float())
                 self._warn_if_left_out_of_adapter(updated)
         distance = (_stack_on(biases, self.device, torch.float32) - NEUTRAL_BIAS[self.bias_type]).abs()  # (L, E)
         stats["bias_abs_max"] = distance.max().item()
@@ -394,15 +507,27 @@ class LossFreeBalancer:
             if _BALANCER_OF_ROUTER.get(router.module) is self:
                 del _BALANCER_OF_ROUTER[router.module]
 
-    def _update(self, loads: torch.Tensor) -> torch.Tensor:
-        """(L, E) fp64 update from the (L, E) loads of layers that each received tokens."""
-        loads = loads.double()  # exact for any count below 2**53
-        mean = loads.mean(dim=-1, keepdim=True)  # (L, 1), > 0
-        error = mean - loads  # (L, E)
-        if self.rule == "sign":
-            delta = self.update_rate * error.sign()
-        else:
-            delta = self.update_rate * error / mean
+    def _update(
+        self,
+        loads: torch.Tensor,
+        biases: torch.Tensor,
+        factor: float,
+        movable: torch.Tensor,
+        candidates: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(L, E) fp64 update of the `movable` layers, each of which received tokens."""
+        step_size = factor * (self.quantile_ema if self.rule == "quantile" else self.update_rate)
+        state = self._momentum_state[movable]
+        delta = rule_update(
+            self.rule,
+            loads,
+            biases,
+            step_size,
+            momentum_state=state,
+            momentum=self.momentum,
+            candidates=None if candidates is None else candidates[movable],
+        )
+        self._momentum_state[movable] = state
         if self.center:
             delta = delta - delta.mean(dim=-1, keepdim=True)
         return delta
@@ -584,6 +709,11 @@ class LossFreeBalancer:
         token_mask = self._token_mask(topk_indices.size(0), topk_indices.device)
         for counts in sinks:
             counts.add(index, topk_indices, token_mask)
+        if self._candidates is not None and self._train_counts in sinks and self.updates_biases:
+            bias = self._bias(index).reshape(-1)
+            candidate = quantile_candidate(read_scores(router, output), bias, topk_indices.size(-1), token_mask)
+            if candidate is not None:
+                self._candidates.add(index, candidate)
 
 
 def _setting(value, config, field: str, default):
@@ -592,7 +722,19 @@ def _setting(value, config, field: str, default):
     return getattr(config, field, default)
 
 
-def check_settings(update_rate=None, rule=None, bias_type=None, center=False, frozen=None):
+def check_settings(
+    update_rate=None,
+    rule=None,
+    bias_type=None,
+    center=False,
+    frozen=None,
+    schedule=None,
+    warmup_steps=None,
+    stop_fraction=None,
+    quantile_ema=None,
+    momentum=None,
+    total_steps=None,
+):
     """Raise `ValueError` naming a bad balancer setting; None stands for "from the model's config" and passes."""
     is_number = isinstance(update_rate, (int, float)) and not isinstance(update_rate, bool)
     if update_rate is not None and not (is_number and math.isfinite(update_rate) and update_rate >= 0):
@@ -605,6 +747,18 @@ def check_settings(update_rate=None, rule=None, bias_type=None, center=False, fr
         raise ValueError(f"center must be True or False, got {center!r}.")
     if frozen is not None and not isinstance(frozen, bool):
         raise ValueError(f"frozen must be None, True or False, got {frozen!r}.")
+    check_schedule(
+        DEFAULT_SCHEDULE if schedule is None else schedule,
+        DEFAULT_WARMUP_STEPS if warmup_steps is None else warmup_steps,
+        DEFAULT_STOP_FRACTION if stop_fraction is None else stop_fraction,
+    )
+    check_rule_options(
+        rule or DEFAULT_UPDATE_RULE,
+        DEFAULT_QUANTILE_EMA if quantile_ema is None else quantile_ema,
+        DEFAULT_MOMENTUM if momentum is None else momentum,
+    )
+    if total_steps is not None:
+        check_total_steps(total_steps)
 
 
 def _weight_slots(router: FoundRouter) -> list[tuple[nn.Module, str]]:

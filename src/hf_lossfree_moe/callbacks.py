@@ -15,7 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler
 
 from .balancing import LoadMeasurement, LossFreeBalancer, check_settings
-from .load_metrics import maxvio
+from .load_metrics import load_metrics, maxvio
 
 
 if TYPE_CHECKING:
@@ -26,10 +26,11 @@ if TYPE_CHECKING:
 class LossFreeBalancingCallback(TrainerCallback):
     """Runs a `LossFreeBalancer` on the Trainer's model and logs what it measures.
 
-    Training logs gain `maxvio_batch` and `maxvio_batch/layer_{i}` (averaged over the optimizer steps since the
-    last log) and `bias_abs_max`, `bias_abs_mean` (at the last step). Evaluation metrics gain
-    `{prefix}_maxvio_global` and `{prefix}_maxvio_global/layer_{i}` from the loads of the whole evaluation, summed
-    over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the decoder-layer index
+    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv` and
+    `batch_min_load_ratio` (averaged over the optimizer steps since the last log) and `bias_abs_max`,
+    `bias_abs_mean`, `bias_update_factor` (at the last step). Evaluation metrics gain `{prefix}_maxvio_global`,
+    `{prefix}_maxvio_global/layer_{i}`, `{prefix}_dead_expert_fraction`, `{prefix}_load_cv` and
+    `{prefix}_min_load_ratio` from the loads of the whole evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the decoder-layer index
     (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in `.../skipped_layers`.
     Any forward of the model in eval mode between the last optimizer step and an evaluation's log counts toward that
     evaluation.
@@ -42,8 +43,10 @@ class LossFreeBalancingCallback(TrainerCallback):
     out its MaxVio with a warning, the next one has it.
 
     Args:
-        update_rate, rule, bias_type, center, frozen, process_group: The `LossFreeBalancer` settings, checked here
-            and passed on; unset ones come from the model's config (see `LossFreeBalancer`).
+        update_rate, rule, bias_type, center, frozen, process_group, schedule, warmup_steps, stop_fraction,
+            quantile_ema, momentum: The `LossFreeBalancer` settings, checked here and passed on; unset ones come
+            from the model's config (see `LossFreeBalancer`). The balancer's `total_steps` is the Trainer's
+            `max_steps`, and its count of updates resumes from the Trainer's `global_step`.
 
     Example:
 
@@ -63,6 +66,11 @@ class LossFreeBalancingCallback(TrainerCallback):
         center: bool = False,
         frozen: bool | None = None,
         process_group: "dist.ProcessGroup | None" = None,
+        schedule: str | None = None,
+        warmup_steps: int | None = None,
+        stop_fraction: float | None = None,
+        quantile_ema: float | None = None,
+        momentum: float | None = None,
     ):
         self.balancer_kwargs = dict(
             update_rate=update_rate,
@@ -71,8 +79,24 @@ class LossFreeBalancingCallback(TrainerCallback):
             center=center,
             frozen=frozen,
             process_group=process_group,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            stop_fraction=stop_fraction,
+            quantile_ema=quantile_ema,
+            momentum=momentum,
         )
-        check_settings(update_rate, rule, bias_type, center, frozen)
+        check_settings(
+            update_rate,
+            rule,
+            bias_type,
+            center,
+            frozen,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            stop_fraction=stop_fraction,
+            quantile_ema=quantile_ema,
+            momentum=momentum,
+        )
         self.balancer: LossFreeBalancer | None = None
         self._attached_to = None
         self.last_eval_loads = None
@@ -105,6 +129,9 @@ class LossFreeBalancingCallback(TrainerCallback):
     ):
         self._move_ahead_of_reporters(args)
         self.attach(model)
+        if state.max_steps and state.max_steps > 0:
+            self.balancer.total_steps = state.max_steps
+        self.balancer.completed_steps = state.global_step
         self._eval_measurement.reset()
         self._step_stats = []
 
@@ -143,14 +170,14 @@ class LossFreeBalancingCallback(TrainerCallback):
             return {}
         stats, self._step_stats = self._step_stats, []
         added = {}
-        for key in sorted({key for step in stats for key in step if key.startswith("maxvio_batch")}):
+        for key in sorted({key for step in stats for key in step if key.startswith(("maxvio_batch", "batch_"))}):
             values = [step[key] for step in stats if key in step]
             added[key] = sum(values) / len(values)
-        added.update({key: stats[-1][key] for key in ("bias_abs_max", "bias_abs_mean")})
+        added.update({key: stats[-1][key] for key in ("bias_abs_max", "bias_abs_mean", "bias_update_factor")})
         return added
 
     def _evaluation_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """`{prefix}_maxvio_global` (+ per layer) of the evaluation that just ended; counting restarts."""
+        """`{prefix}_maxvio_global` (+ per layer) and the load figures of the evaluation that just ended; counting restarts."""
         self._evaluating = False
         loads = self._eval_measurement.stop().loads
         self._eval_measurement = self.balancer.measure(eval_only=True).start()
@@ -165,7 +192,10 @@ class LossFreeBalancingCallback(TrainerCallback):
             )
             return {}
         self.last_eval_loads = loads
-        return maxvio(loads, self.balancer.layers).metrics(f"{prefix}_maxvio_global")
+        return {
+            **maxvio(loads, self.balancer.layers).metrics(f"{prefix}_maxvio_global"),
+            **load_metrics(loads, prefix),
+        }
 
     def _move_ahead_of_reporters(self, args: TrainingArguments):
         """Move to the front of the calling Trainer's callbacks, so every `report_to` integration sees the metrics.

@@ -31,7 +31,8 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ScoringFunc = Literal["sigmoid", "softmax"]
 LoadBalancing = Literal["loss_free", "aux_loss", "none"]
-BiasUpdateRule = Literal["sign", "error"]
+BiasUpdateRule = Literal["sign", "error", "quantile", "smebu"]
+BiasUpdateSchedule = Literal["constant", "linear_warmup", "cosine"]
 BiasType = Literal["additive", "multiplicative"]
 
 # The paper's alpha for the loss-controlled baseline with a sigmoid gate (3e-4 is its softmax-gate value).
@@ -83,7 +84,18 @@ class LossFreeMoeConfig(PreTrainedConfig):
         bias_update_rate (`float`, defaults to 1e-3): The update rate u of Algorithm 1 (the paper and DeepSeek-V3:
             1e-3); 0 keeps the bias fixed.
         bias_update_rule (`str`, defaults to `"sign"`): `"sign"`: `b += u * sign(mean - c)` (Algorithm 1);
-            `"error"`: `b += u * (mean - c) / mean` (the paper's ablation).
+            `"error"`: `b += u * (mean - c) / mean` (the paper's ablation); `"smebu"`: a momentum-smoothed,
+            tanh-clamped, mean-centred step on the normalised deviation; `"quantile"`: Quantile Balancing, the bias
+            that would have given every expert its share, from the router's scores (no step size; additive bias
+            only). See `hf_lossfree_moe.update_rules`.
+        bias_update_schedule (`str`, defaults to `"constant"`): Factor on the step: `"constant"`, `"linear_warmup"`
+            (ramp over `bias_update_warmup_steps`), `"cosine"` (the warm-up, then cosine decay to 0).
+        bias_update_warmup_steps (`int`, defaults to 0): Updates over which `"linear_warmup"` and `"cosine"` ramp up.
+        bias_update_stop_fraction (`float`, defaults to 1.0): Fraction of training after which the bias stops
+            moving (DeepSeek-V3: 0.966); 1 never stops.
+        bias_quantile_ema (`float`, defaults to 1.0): Weight of the new candidate in Quantile Balancing's blend
+            `b += w * (candidate - b)`; 1 replaces the bias.
+        bias_update_momentum (`float`, defaults to 0.9): Momentum mu of the `"smebu"` rule, in [0, 1).
         bias_type (`str`, defaults to `"additive"`): `"additive"`: select on `s + b`, b starts at 0;
             `"multiplicative"`: select on `s * b`, b starts at 1 (the paper's ablation).
         router_aux_loss_coef (`float`, *optional*): Weight alpha of the sequence-wise balance loss
@@ -165,6 +177,11 @@ class LossFreeMoeConfig(PreTrainedConfig):
     load_balancing: LoadBalancing = "loss_free"
     bias_update_rate: float | int = 1e-3
     bias_update_rule: BiasUpdateRule = "sign"
+    bias_update_schedule: BiasUpdateSchedule = "constant"
+    bias_update_warmup_steps: int = 0
+    bias_update_stop_fraction: float | int = 1.0
+    bias_quantile_ema: float | int = 1.0
+    bias_update_momentum: float | int = 0.9
     bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
@@ -285,6 +302,33 @@ class LossFreeMoeConfig(PreTrainedConfig):
                 "router_aux_loss_coef",
                 "0 with load_balancing='none' (choose 'aux_loss' to train with a balance loss)",
             )
+
+    def validate_bias_update(self):
+        self._require(
+            self.bias_update_rule != "quantile" or self.bias_type == "additive",
+            "bias_update_rule",
+            "other than 'quantile' with bias_type='multiplicative' (Quantile Balancing computes an additive bias)",
+        )
+        self._require(
+            isinstance(self.bias_update_warmup_steps, int) and self.bias_update_warmup_steps >= 0,
+            "bias_update_warmup_steps",
+            "an integer >= 0",
+        )
+        self._require(
+            _finite(self.bias_update_stop_fraction) and 0 < self.bias_update_stop_fraction <= 1,
+            "bias_update_stop_fraction",
+            "a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop)",
+        )
+        self._require(
+            _finite(self.bias_quantile_ema) and 0 < self.bias_quantile_ema <= 1,
+            "bias_quantile_ema",
+            "a number in (0, 1] (the weight of the new candidate; 1: no blending)",
+        )
+        self._require(
+            _finite(self.bias_update_momentum) and 0 <= self.bias_update_momentum < 1,
+            "bias_update_momentum",
+            "a number in [0, 1)",
+        )
 
     def _require(self, condition: bool, field: str, allowed: str):
         _require(condition, field, allowed, getattr(self, field))

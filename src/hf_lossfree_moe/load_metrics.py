@@ -2,7 +2,8 @@
 
 `maxvio()` is the one implementation the balancer, the Trainer callback, the `evaluate` module and the scripts use.
 A layer that received no token has no MaxVio (its mean load is 0): it is skipped, named in `MaxVio.skipped`, and the
-mean is taken over the other layers, so one idle router never hides the metric of the rest.
+mean is taken over the other layers, so one idle router never hides the metric of the rest. `load_metrics()` adds
+the figures used to debug a routing collapse: dead experts, the spread of the loads and the least-loaded expert.
 """
 
 from collections.abc import Sequence
@@ -46,14 +47,7 @@ def maxvio(loads: torch.Tensor | Sequence, layers: Sequence[int] | None = None) 
         loads: Tokens each expert received, per layer: a tensor or nested sequence of finite numbers >= 0.
         layers: The number of each row, e.g. its decoder-layer index (default: 0, 1, ...).
     """
-    loads = torch.as_tensor(loads).detach()
-    if loads.dim() == 1:
-        loads = loads.unsqueeze(0)
-    if loads.dim() != 2 or loads.size(-1) == 0 or loads.is_complex():
-        raise ValueError(f"loads must be (layers, experts) or (experts,) numbers, got shape {tuple(loads.shape)}.")
-    loads = loads.cpu().double()
-    if not torch.isfinite(loads).all() or (loads < 0).any():
-        raise ValueError(f"loads must be finite and >= 0, got {loads.tolist()}.")
+    loads = _checked_loads(loads)
     layers = list(range(loads.size(0))) if layers is None else list(layers)
     if len(layers) != loads.size(0):
         raise ValueError(f"layers must number each of the {loads.size(0)} rows of loads, got {layers}.")
@@ -66,4 +60,38 @@ def maxvio(loads: torch.Tensor | Sequence, layers: Sequence[int] | None = None) 
     )
 
 
-__all__ = ["MaxVio", "maxvio"]
+def load_metrics(loads: torch.Tensor | Sequence, name: str) -> dict[str, float]:
+    """Means over the layers that received tokens of three load figures of `(layers, experts)` loads:
+
+    - `{name}_dead_expert_fraction`: the fraction of experts that received no token;
+    - `{name}_load_cv`: the coefficient of variation of the loads, std / mean (population std);
+    - `{name}_min_load_ratio`: the least-loaded expert's load over the mean load.
+
+    Empty when no layer received a token.
+    """
+    loads = _checked_loads(loads)
+    loads = loads[loads.sum(dim=-1) > 0]  # (L', E)
+    if loads.size(0) == 0:
+        return {}
+    mean = loads.mean(dim=-1)  # (L',)
+    return {
+        f"{name}_dead_expert_fraction": (loads == 0).double().mean().item(),
+        f"{name}_load_cv": (loads.std(dim=-1, correction=0) / mean).mean().item(),
+        f"{name}_min_load_ratio": (loads.amin(dim=-1) / mean).mean().item(),
+    }
+
+
+def _checked_loads(loads: torch.Tensor | Sequence) -> torch.Tensor:
+    """(layers, experts) fp64 CPU copy of `loads`, or `ValueError`."""
+    loads = torch.as_tensor(loads).detach()
+    if loads.dim() == 1:
+        loads = loads.unsqueeze(0)
+    if loads.dim() != 2 or loads.size(-1) == 0 or loads.is_complex():
+        raise ValueError(f"loads must be (layers, experts) or (experts,) numbers, got shape {tuple(loads.shape)}.")
+    loads = loads.cpu().double()
+    if not torch.isfinite(loads).all() or (loads < 0).any():
+        raise ValueError(f"loads must be finite and >= 0, got {loads.tolist()}.")
+    return loads
+
+
+__all__ = ["MaxVio", "load_metrics", "maxvio"]

@@ -7,6 +7,7 @@ kept between calls. Copies of a router that do not run, such as the original tha
 beside the trained copy, are not routers: each MoE layer has one, the copy its forward goes through.
 """
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,11 +39,15 @@ class RouterAdapter:
             the module whose forward output holds the top-K expert indices; it may be the module itself or a child
             (e.g. a block that holds the bias and hands it to its `gate`).
         topk_indices: The `(T, K)` integer expert indices, read from the router's forward output.
+        scores: The `(T, E)` fp32 routing scores the router selects on before adding its bias, read from its forward
+            output; needed only by `bias_update_rule="quantile"`. Default (None): `router_scores`, the router's
+            scoring function applied to `router_logits`, the first output.
     """
 
     name: str
     locate: Callable[[nn.Module], RouterLocation | None]
     topk_indices: Callable[[nn.Module, Any], torch.Tensor]
+    scores: Callable[[nn.Module, Any], torch.Tensor] | None = None
 
 
 def holds_bias(module: nn.Module) -> bool:
@@ -66,6 +71,66 @@ def deepseek_v3_topk_indices(router: nn.Module, output: Any) -> torch.Tensor:
             "LossFreeBalancer how to read this router: register a `RouterAdapter` with `register_router_adapter`."
         )
     return indices
+
+
+SCORING_FUNCTION_ATTRIBUTES = ("scoring_func", "score_function", "scoring_function", "score_fn")
+NAMED_SCORING_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda logits: logits.softmax(dim=-1),
+    "identity": lambda logits: logits,
+}
+
+
+def scoring_function(router: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The function that turns the router's logits into its scores, or None when it cannot be told.
+
+    The router's own `scoring_func` / `score_function` / `scoring_function` / `score_fn` says it: a name
+    (`"sigmoid"`, `"softmax"`) or the callable itself (e.g. `ACT2FN[config.scoring_func]`). A router without one is
+    read by the code of its `forward`: the logits themselves where it adds the bias to `router_logits` (e.g.
+    Kolibri-1, which applies the sigmoid only to the chosen experts' weights), softmax where it calls only softmax,
+    else sigmoid, DeepSeek-V3's function.
+    """
+    for attribute in SCORING_FUNCTION_ATTRIBUTES:
+        value = getattr(router, attribute, None)
+        if isinstance(value, str):
+            return NAMED_SCORING_FUNCTIONS.get(value)
+        if callable(value):
+            return value
+    try:
+        source = inspect.getsource(type(router).forward)
+    except (OSError, TypeError):
+        return torch.sigmoid
+    if re.search(rf"router_logits\s*\+\s*self\.{BIAS_NAME}", source):
+        return NAMED_SCORING_FUNCTIONS["identity"]
+    if "softmax" in source and "sigmoid" not in source:
+        return NAMED_SCORING_FUNCTIONS["softmax"]
+    return torch.sigmoid
+
+
+def router_scores(router: nn.Module, output: Any) -> torch.Tensor:
+    """The (T, E) fp32 scores of a router whose first output is `router_logits`: its scoring function applied."""
+    function = scoring_function(router)
+    logits = output[0] if isinstance(output, tuple) else None
+    if function is None or not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise ValueError(
+            f"{type(router).__name__}: bias_update_rule='quantile' needs the router's scores, and they cannot be "
+            "read from its output (router_logits first, and a scoring function named by `scoring_func`). Give its "
+            "`RouterAdapter` a `scores` function, or choose another bias_update_rule."
+        )
+    return function(logits.float().reshape(-1, logits.size(-1))).float()
+
+
+def read_scores(router: "FoundRouter", output: Any) -> torch.Tensor:
+    """The (T, E) fp32 scores of one forward of a found router, checked against its number of experts."""
+    read = router.adapter.scores or router_scores
+    scores = read(router.module, output)
+    num_experts = getattr(router.bias_owner, router.bias_attr).numel()
+    if scores.dim() != 2 or scores.size(-1) != num_experts:
+        raise ValueError(
+            f"{router.name}: bias_update_rule='quantile' needs (tokens, {num_experts}) scores, but its "
+            f"'{router.adapter.name}' adapter read shape {tuple(scores.shape)}. Give the adapter a `scores` function."
+        )
+    return scores
 
 
 DEEPSEEK_V3_ADAPTER = RouterAdapter(
@@ -189,6 +254,9 @@ __all__ = [
     "idle_modules",
     "decoder_layer_indices",
     "layer_numbers",
+    "read_scores",
     "register_router_adapter",
     "wrapper_copies",
+    "router_scores",
+    "scoring_function",
 ]

@@ -1,0 +1,103 @@
+"""Time and memory of Quantile Balancing's per-step statistics at a given scale, without a model.
+
+For one router call it times what the balancer adds to the router's forward: the expert counts every rule needs, and
+for `bias_update_rule="quantile"` the scores read from `router_logits` plus the candidate bias (`quantile_candidate`);
+the router's own forward (logits, sigmoid, top-K) is timed alongside for scale. The per-step figures multiply by the
+number of MoE layers. Memory: what the balancer keeps between router calls, and the largest transient tensors.
+
+    python scripts/quantile_cost.py                        # DeepSeek-V3: 256 experts, top-8, 58 MoE layers, 4096 tokens
+    python scripts/quantile_cost.py --tokens 16384 --device cuda
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hf_lossfree_moe.update_rules import quantile_candidate
+
+
+def median_seconds(function, repeats: int, device: str) -> float:
+    """Median wall time of `function()` over `repeats` calls, after one warm-up call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--top_k", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=58)
+    parser.add_argument("--tokens", type=int, default=4096, help="Tokens of one micro-batch.")
+    parser.add_argument("--hidden_size", type=int, default=7168)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = parser.parse_args(argv)
+    for name in ("experts", "top_k", "layers", "tokens", "hidden_size", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.top_k >= args.experts:
+        raise ValueError(f"--top_k must be below --experts={args.experts}, got {args.top_k}.")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(args.tokens, args.hidden_size, device=device, dtype=torch.bfloat16, generator=generator)
+    weight = torch.randn(args.experts, args.hidden_size, device=device, dtype=torch.bfloat16, generator=generator)
+    weight = weight * args.hidden_size**-0.5
+    bias = torch.zeros(args.experts, device=device)
+    logits = F.linear(hidden.float(), weight.float())  # (T, E)
+    topk_indices = (logits.sigmoid() + bias).topk(args.top_k, dim=-1).indices  # (T, K)
+    counts = torch.zeros(args.experts, dtype=torch.int64, device=device)
+    ones = torch.ones(topk_indices.numel(), dtype=torch.int64, device=device)
+
+    def router_forward():
+        scores = F.linear(hidden.float(), weight.float()).sigmoid()
+        return (scores + bias).topk(args.top_k, dim=-1).indices
+
+    def count():
+        counts.index_add_(0, topk_indices.reshape(-1), ones)
+
+    def quantile_statistics():
+        return quantile_candidate(logits.float().sigmoid(), bias, args.top_k)
+
+    router = median_seconds(router_forward, args.repeats, args.device)
+    counting = median_seconds(count, args.repeats, args.device)
+    quantile = median_seconds(quantile_statistics, args.repeats, args.device)
+    kept_bytes = args.layers * (args.experts * (8 + 4) + 8)  # int64 counts, fp32 candidate sum, one call count
+    transient_bytes = 4 * args.tokens * args.experts * 4  # scores, biased scores, scores - cutoff and its transpose
+    print(
+        f"{args.layers} layers x {args.experts} experts, top-{args.top_k}, {args.tokens} tokens per micro-batch, "
+        f"hidden {args.hidden_size}, {args.device} with {args.threads} thread(s), median of {args.repeats}"
+    )
+    print(f"router forward (bf16 weights, fp32 logits): {router * 1e3:8.2f} ms per call")
+    print(f"counting (every rule):                      {counting * 1e3:8.2f} ms per call")
+    print(f"quantile statistics:                        {quantile * 1e3:8.2f} ms per call")
+    print(
+        f"per micro-batch over {args.layers} layers: counting {counting * args.layers * 1e3:.1f} ms, quantile "
+        f"statistics {quantile * args.layers * 1e3:.1f} ms (router forwards {router * args.layers * 1e3:.1f} ms)"
+    )
+    print(
+        f"memory kept between router calls: {kept_bytes / 2**10:.0f} KiB; largest transient tensors per call: "
+        f"{transient_bytes / 2**20:.1f} MiB, freed before the next layer"
+    )
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        quantile_statistics()
+        print(f"CUDA peak memory of one quantile call: {(torch.cuda.max_memory_allocated() - base) / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Bias update rules and update-rate schedules of `LossFreeBalancer`.
+
+A rule turns the statistics of one optimizer step into an update of every layer's bias; `LossFreeBalancer` collects
+those statistics, sums them over data-parallel ranks and applies the update in place, in fp32. Every rule needs the
+per-expert token counts; Quantile Balancing (`"quantile"`) also needs one candidate bias per router call, computed from
+the router's scores there and then, so that no score matrix outlives its forward.
+
+- `"sign"`: `b += u * sign(mean(c) - c)` (Algorithm 1 of Wang et al., 2024).
+- `"error"`: `b += u * (mean(c) - c) / mean(c)` (the paper's ablation).
+- `"smebu"`: the normalised deviation `d = (mean(c) - c) / mean(c)` is soft-clamped, `tanh(d)`, smoothed with
+  momentum, `m = mu * m + (1 - mu) * tanh(d)`, and taken as a mean-centred step, `b += u * (m - mean(m))`
+  (after SMEBU, arXiv 2602.17004).
+- `"quantile"`: Quantile Balancing (Megatron-LM's `quantile_balancing`). No step size: per router call each token's
+  cutoff `alpha_t` is its (K+1)-th largest biased score `s + b`, and each expert's candidate threshold `beta_e` is the
+  (ceil(T K / E) + 1)-th largest of `s[:, e] - alpha` over the T tokens, the threshold at which the expert would have
+  received exactly its share. The candidate bias `-beta` is averaged over the router calls of the step (and the
+  ranks), re-centred to mean 0 and blended in: `b += w * (candidate - b)`, with w the EMA weight (1: replace).
+
+A schedule scales the step of every rule (u, or w for `"quantile"`) by a factor in [0, 1] that depends on the
+number n = 1, 2, ... of the update being applied and on the total number of optimizer steps N.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import get_args
+
+import torch
+
+from .configuration_lossfree_moe import BiasUpdateRule, BiasUpdateSchedule
+
+
+UPDATE_RULES = get_args(BiasUpdateRule)
+SCHEDULES = get_args(BiasUpdateSchedule)
+
+
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """Factor on the step of the n-th update (n = 1, 2, ...) of a run of `total_steps` optimizer steps.
+
+    - `"constant"`: 1.
+    - `"linear_warmup"`: `min(1, n / warmup_steps)` (1 when `warmup_steps` is 0).
+    - `"cosine"`: the warm-up, then `0.5 * (1 + cos(pi * (n - W) / (N - W)))` for n > W = `warmup_steps`, reaching 0
+      at the last step.
+
+    With `stop_fraction` f < 1 the factor is 0 for every update after step `f * N`: DeepSeek-V3 keeps u = 1e-3 for
+    the first 14.3T of its 14.8T tokens (f = 0.966) and then stops updating the bias.
+    """
+
+    kind: str = "constant"
+    warmup_steps: int = 0
+    stop_fraction: float = 1.0
+
+    def __post_init__(self):
+        check_schedule(self.kind, self.warmup_steps, self.stop_fraction)
+
+    @property
+    def needs_total_steps(self) -> bool:
+        return self.kind == "cosine" or self.stop_fraction < 1
+
+    def factor(self, update: int, total_steps: int | None = None) -> float:
+        """The factor of update number `update` (1-based)."""
+        if isinstance(update, bool) or not isinstance(update, int) or update < 1:
+            raise ValueError(f"update must be an integer >= 1, got {update!r}.")
+        if self.needs_total_steps:
+            check_total_steps(total_steps)
+            if update > self.stop_fraction * total_steps:
+                return 0.0
+        warmup = self.kind != "constant" and self.warmup_steps > 0
+        if warmup and update <= self.warmup_steps:
+            return update / self.warmup_steps
+        if self.kind != "cosine":
+            return 1.0
+        decay_steps = total_steps - self.warmup_steps
+        if decay_steps <= 0:
+            return 1.0
+        progress = min(1.0, (update - self.warmup_steps) / decay_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_total_steps(total_steps) -> None:
+    """Raise `ValueError` unless `total_steps` is a positive integer (schedules that decay or stop need it)."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(
+            "total_steps must be the number of optimizer steps of the run, an integer >= 1, when "
+            f"bias_update_schedule is 'cosine' or bias_update_stop_fraction < 1; got {total_steps!r}. The Trainer "
+            "callback takes it from the Trainer's max_steps; in a plain loop pass LossFreeBalancer(total_steps=...)."
+        )
+
+
+def check_schedule(kind, warmup_steps, stop_fraction) -> None:
+    """Raise `ValueError` naming a bad schedule setting."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"bias_update_schedule must be one of {SCHEDULES}, got {kind!r}.")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"bias_update_warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
+    if not (_is_real(stop_fraction) and 0 < stop_fraction <= 1):
+        raise ValueError(
+            f"bias_update_stop_fraction must be a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop), "
+            f"got {stop_fraction!r}."
+        )
+
+
+def check_rule_options(rule, quantile_ema, momentum) -> None:
+    """Raise `ValueError` naming a bad rule or rule option."""
+    if rule not in UPDATE_RULES:
+        raise ValueError(f"bias_update_rule must be one of {UPDATE_RULES}, got {rule!r}.")
+    if not (_is_real(quantile_ema) and 0 < quantile_ema <= 1):
+        raise ValueError(
+            f"bias_quantile_ema must be a number in (0, 1] (the weight of the new candidate; 1: no blending), "
+            f"got {quantile_ema!r}."
+        )
+    if not (_is_real(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"bias_update_momentum must be a number in [0, 1), got {momentum!r}.")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@torch.no_grad()
+def quantile_candidate(
+    scores: torch.Tensor, bias: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Quantile Balancing's candidate bias `-beta` (E,) fp32 from one router call, or None when it has none.
+
+    Args:
+        scores: (T, E) routing scores s, the unbiased ones the router selects on with `s + bias`.
+        bias: (E,) the router's current additive bias.
+        top_k: K, experts per token.
+        token_mask: (T,) nonzero for real tokens; padding rows are left out.
+
+    With T real tokens and a share of `ceil(T K / E)` tokens per expert, there is no candidate when the share is T or
+    more (e.g. a single token): every expert could take every token.
+    """
+    scores = scores.float()
+    if token_mask is not None:
+        scores = scores[token_mask.to(scores.device) != 0]
+    num_tokens, num_experts = scores.shape
+    share = math.ceil(num_tokens * top_k / num_experts)
+    if share >= num_tokens:
+        return None
+    biased = scores + bias.to(device=scores.device, dtype=torch.float32)  # (T, E)
+    cutoff = biased.topk(top_k + 1, dim=-1, sorted=True).values[:, -1:]  # (T, 1): alpha_t
+    # the (share + 1)-th largest of each column, with the columns made rows: contiguous top-k is the fastest way on CPU
+    residual = (scores - cutoff).T.contiguous()  # (E, T)
+    beta = residual.topk(share + 1, dim=-1, sorted=False).values.amin(dim=-1)  # (E,)
+    return -beta
+
+
+def rule_update(
+    rule: str,
+    loads: torch.Tensor,
+    biases: torch.Tensor,
+    step_size: float,
+    momentum_state: torch.Tensor | None = None,
+    momentum: float = 0.0,
+    candidates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(L, E) fp64 update of the layers given, each of which received tokens this step.
+
+    Args:
+        rule: One of `UPDATE_RULES`.
+        loads: (L, E) token counts of the step, summed over ranks.
+        biases: (L, E) current biases (used by `"quantile"`).
+        step_size: u times the schedule factor (`"quantile"`: the EMA weight times the factor).
+        momentum_state: (L, E) fp64 momentum of `"smebu"`, updated in place.
+        momentum: mu of `"smebu"`.
+        candidates: (L, E) mean candidate bias of `"quantile"` over the step's router calls and ranks.
+    """
+    loads = loads.double()  # exact for any count below 2**53
+    mean = loads.mean(dim=-1, keepdim=True)  # (L, 1), > 0
+    if rule == "sign":
+        return step_size * (mean - loads).sign()
+    if rule == "error":
+        return step_size * (mean - loads) / mean
+    if rule == "smebu":
+        momentum_state.mul_(momentum).add_((1 - momentum) * torch.tanh((mean - loads) / mean))
+        return step_size * (momentum_state - momentum_state.mean(dim=-1, keepdim=True))
+    if rule == "quantile":
+        target = candidates.double() - candidates.double().mean(dim=-1, keepdim=True)
+        return step_size * (target - biases.double())
+    raise ValueError(f"bias_update_rule must be one of {UPDATE_RULES}, got {rule!r}.")
+
+
+__all__ = [
+    "SCHEDULES",
+    "UPDATE_RULES",
+    "UpdateSchedule",
+    "check_rule_options",
+    "check_schedule",
+    "check_total_steps",
+    "quantile_candidate",
+    "rule_update",
+]

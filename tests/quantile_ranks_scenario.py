@@ -1,0 +1,46 @@
+"""Run by test_update_rules.py under torchrun (2 CPU processes, gloo): Quantile Balancing over data-parallel ranks.
+
+Each rank routes its own two micro-batches of different lengths (one padded) through the same model, then steps the
+balancer once; it writes its local candidate sums and numbers of router calls (before the step) and its biases after.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from conftest import TINY
+from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
+
+
+def micro_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two (rows, 10) micro-batches per rank, different on each rank; the second has a padded row."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    first = torch.randint(3, 128, (2, 10), generator=generator)
+    second = torch.randint(3, 128, (2, 10), generator=generator)
+    second_mask = torch.ones_like(second)
+    second_mask[1, 4 + 3 * rank :] = 0
+    return [(first, torch.ones_like(first)), (second, second_mask)]
+
+
+def main(out_dir: Path):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = LossFreeMoeForCausalLM(LossFreeMoeConfig(**TINY, bias_update_rule="quantile")).train()
+    balancer = LossFreeBalancer(model)
+    with torch.no_grad():
+        for input_ids, attention_mask in micro_batches(rank):
+            model(input_ids=input_ids, attention_mask=attention_mask)
+    sums, calls = balancer._candidates.stacked(balancer.device)
+    balancer.step()
+    result = {"sums": sums.tolist(), "calls": calls.tolist(), "biases": balancer.biases().tolist()}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
