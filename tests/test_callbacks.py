@@ -1,3 +1,4 @@
+import functools
 import glob
 import warnings
 
@@ -161,9 +162,11 @@ def test_evaluate_before_training_and_predict(tiny_config, tmp_path):
     assert torch.equal(callback.balancer.biases(), torch.zeros(2, 8))
 
 
-def test_resuming_gives_the_biases_of_an_uninterrupted_run(tiny_config, tmp_path):
+@pytest.mark.parametrize("rule", ["sign", "smebu"])  # smebu carries a momentum from step to step
+def test_resuming_gives_the_biases_of_an_uninterrupted_run(tiny_config, tmp_path, rule):
     train = padded_examples(40, seed=4)
     settings = dict(max_steps=20, save_strategy="steps", save_steps=10, logging_steps=10)
+    tiny_config = functools.partial(tiny_config, bias_update_rule=rule)
     uninterrupted = make_trainer(LossFreeMoeForCausalLM(tiny_config()), tmp_path / "a", train, **settings)
     callback = add_balancing_callback(uninterrupted)
     uninterrupted.train()
@@ -178,6 +181,7 @@ def test_resuming_gives_the_biases_of_an_uninterrupted_run(tiny_config, tmp_path
     halfway = torch.stack([router.e_score_correction_bias for router in at_checkpoint.routers()])
     assert halfway.abs().max() > 0 and not torch.equal(halfway, expected)  # the biases kept moving after step 10
     assert torch.equal(callback.balancer.biases(), expected)
+    assert callback.balancer.completed_steps == 20
 
 
 def test_aux_loss_model_is_only_measured(tiny_config, tmp_path):

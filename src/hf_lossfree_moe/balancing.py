@@ -507,6 +507,22 @@ class LossFreeBalancer:
             if _BALANCER_OF_ROUTER.get(router.module) is self:
                 del _BALANCER_OF_ROUTER[router.module]
 
+    def state_dict(self) -> dict:
+        """What `step()` carries between steps besides the biases (which the model saves): the count of updates the
+        schedule reads and the `"smebu"` momentum, as plain JSON values for a checkpoint."""
+        return {"completed_steps": self.completed_steps, "momentum": self._momentum_state.tolist()}
+
+    def load_state_dict(self, state: dict):
+        """Restore what `state_dict()` returned, e.g. when resuming from a checkpoint."""
+        momentum = torch.tensor(state["momentum"], dtype=torch.float64)
+        if momentum.shape != self._momentum_state.shape:
+            raise ValueError(
+                f"state['momentum'] must have shape {tuple(self._momentum_state.shape)} (routers, experts), got "
+                f"{tuple(momentum.shape)}: the state comes from another model."
+            )
+        self._momentum_state.copy_(momentum)
+        self.completed_steps = int(state["completed_steps"])
+
     def _update(
         self,
         loads: torch.Tensor,

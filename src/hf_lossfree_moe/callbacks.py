@@ -12,7 +12,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .balancing import LoadMeasurement, LossFreeBalancer, check_settings
 from .load_metrics import load_metrics, maxvio
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
 
-class LossFreeBalancingCallback(TrainerCallback):
+class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     """Runs a `LossFreeBalancer` on the Trainer's model and logs what it measures.
 
     Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv` and
@@ -98,6 +98,8 @@ class LossFreeBalancingCallback(TrainerCallback):
             momentum=momentum,
         )
         self.balancer: LossFreeBalancer | None = None
+        # Set by Trainer when it rebuilds the callback from a checkpoint (`restore_callback_states_from_checkpoint`).
+        self.balancer_state: dict | None = None
         self._attached_to = None
         self.last_eval_loads = None
         self._placement_warned = False
@@ -132,8 +134,20 @@ class LossFreeBalancingCallback(TrainerCallback):
         if state.max_steps and state.max_steps > 0:
             self.balancer.total_steps = state.max_steps
         self.balancer.completed_steps = state.global_step
+        saved = self.balancer_state or _saved_balancer_state(state)
+        if saved is not None and state.global_step > 0:
+            self.balancer.load_state_dict(saved)
+        self.balancer_state = None
         self._eval_measurement.reset()
         self._step_stats = []
+
+    def state(self) -> dict:
+        """Saved by Trainer in each checkpoint's trainer_state.json: the balancer's state between steps (the SMEBU
+        momentum, the count of updates), restored when training resumes, so a resumed run updates as an
+        uninterrupted one would."""
+        args = {name: value for name, value in self.balancer_kwargs.items() if name != "process_group"}
+        balancer_state = None if self.balancer is None else self.balancer.state_dict()
+        return {"args": args, "attributes": {"balancer_state": balancer_state}}
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._step_stats.append(self.balancer.step())
@@ -231,6 +245,14 @@ def _calling_handler(callback: TrainerCallback, max_depth: int = 8) -> CallbackH
         return None
     finally:
         del frame
+
+
+def _saved_balancer_state(state: TrainerState) -> dict | None:
+    """The balancer state a resumed Trainer loaded with its checkpoint's trainer_state.json, if one was saved."""
+    saved = (state.stateful_callbacks or {}).get(LossFreeBalancingCallback.__name__)
+    if isinstance(saved, list):  # one entry per callback instance; a Trainer runs one balancer per model
+        saved = saved[0]
+    return None if saved is None else saved.get("attributes", {}).get("balancer_state")
 
 
 def add_balancing_callback(trainer: "Trainer", callback: LossFreeBalancingCallback | None = None):
