@@ -1,4 +1,8 @@
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_on_two_ranks(script: Path, out_dir: Path, timeout: int) -> list[dict]:
+    """Run `script out_dir` under torchrun on two gloo ranks; each rank writes `rank{i}.json` there, returned in rank
+    order. A failed launch fails the test with the end of its output."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    process = subprocess.run(
+        [*command, str(script), str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]

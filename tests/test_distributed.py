@@ -1,9 +1,5 @@
 """Two CPU processes (gloo) launched with torchrun; the scenarios themselves are in `distributed_scenarios.py`."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,7 +7,7 @@ import pytest
 import torch
 from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
 
-from conftest import TINY
+from conftest import TINY, run_on_two_ranks
 from distributed_scenarios import LAYOUTS, LENGTHS, TRAINER_STEPS, global_batch, make_model
 from hf_lossfree_moe import (
     LossFreeBalancer,
@@ -43,17 +39,7 @@ def ranks(tmp_path_factory):
     LossFreeMoeForCausalLM(LossFreeMoeConfig(**{**TINY, "first_k_dense_replace": 2})).save_pretrained(
         out_dir / "model_two_dense_layers"
     )
-    script = Path(__file__).parent / "distributed_scenarios.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    process = subprocess.run(
-        [*command, str(script), str(out_dir)],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return run_on_two_ranks(Path(__file__).parent / "distributed_scenarios.py", out_dir, timeout=540)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from conftest import run_on_two_ranks
 from hf_lossfree_moe import LossFreeBalancer, LossFreeBalancingCallback, LossFreeMoeConfig, LossFreeMoeForCausalLM
 from hf_lossfree_moe.load_metrics import load_metrics, maxvio
 from hf_lossfree_moe.routers import read_scores
@@ -138,17 +135,7 @@ def test_quantile_step_sums_counts_candidates_and_calls_over_ranks_in_one_collec
 
 @pytest.mark.slow
 def test_quantile_candidates_average_over_ranks_and_biases_stay_identical(tmp_path):
-    script = Path(__file__).parent / "quantile_ranks_scenario.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    process = subprocess.run(
-        [*command, str(script), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    ranks = run_on_two_ranks(Path(__file__).parent / "quantile_ranks_scenario.py", tmp_path, timeout=300)
     assert ranks[0]["biases"] == ranks[1]["biases"]
     assert ranks[0]["sums"] != ranks[1]["sums"]  # the ranks routed different tokens
     sums = sum(torch.tensor(rank["sums"]) for rank in ranks)  # (L, E)
