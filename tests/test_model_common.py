@@ -61,7 +61,8 @@ def test_save_and_load_round_trip(tmp_path, model, max_shard_size):
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     input_ids = torch.randint(3, VOCAB, (2, 6))
-    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids), rtol=0, atol=0)
+    # Equal weights in other memory can take other CPU kernel paths: logits agree to float rounding, not bit for bit.
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids))
 
 
 def test_saved_code_files_carry_the_license_header(tmp_path, model):
@@ -164,7 +165,7 @@ def test_inputs_embeds_match_input_ids(model):
     inputs_embeds = model.get_input_embeddings()(input_ids)
     with torch.no_grad():
         from_embeds = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
-    torch.testing.assert_close(from_embeds, logits(model, input_ids, attention_mask=attention_mask), rtol=0, atol=0)
+    torch.testing.assert_close(from_embeds, logits(model, input_ids, attention_mask=attention_mask))
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model(input_ids, inputs_embeds=inputs_embeds)
     # Generating from embeddings returns only the new tokens: the same ones as generating from the ids.
@@ -188,7 +189,7 @@ def test_resize_token_embeddings_keeps_the_old_vocabulary(tiny_config, tie_word_
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) is tie_word_embeddings
     after = logits(model, input_ids)
     assert after.shape == (2, 6, VOCAB + 8)
-    torch.testing.assert_close(after[..., :VOCAB], before, rtol=0, atol=0)
+    torch.testing.assert_close(after[..., :VOCAB], before)  # the resized head is new memory: float rounding only
     # The new rows can be generated and embedded.
     assert logits(model, torch.tensor([[VOCAB + 7]])).shape == (1, 1, VOCAB + 8)
 
