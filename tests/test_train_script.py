@@ -168,7 +168,10 @@ def test_export_glm4_moe_leaves_a_stock_copy_with_the_same_logits(trained):
     export_dir = output_dir.with_name("model-glm4_moe")
     assert f"Stock glm4_moe copy: {export_dir}" in stdout
     assert json.loads((export_dir / "config.json").read_text())["model_type"] == "glm4_moe"
-    assert ModelCard.load(export_dir / "README.md").text.count(f"`{output_dir}`") == 1  # links the original
+    card = ModelCard.load(export_dir / "README.md")
+    assert card.text.count("`model`") == 1 and str(output_dir.parent) not in card.content  # the original, by name
+    trained_card = ModelCard.load(output_dir / "README.md")
+    assert card.data.eval_results == trained_card.data.eval_results  # the same outputs, the same results
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     inputs = tokenizer("The for statement", return_tensors="pt")
     original = AutoModelForCausalLM.from_pretrained(output_dir).eval()
