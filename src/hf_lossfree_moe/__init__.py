@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY_NAMES = {
     "LoadMeasurement": "balancing",
     "LossFreeBalancer": "balancing",
+    "CompactProgressCallback": "console",
     "LossFreeBalancingCallback": "callbacks",
     "add_balancing_callback": "callbacks",
     "export_to_glm4_moe": "export",
@@ -88,6 +89,7 @@ LossFreeMoeConfig.__post_init__ = _post_init_registering_models
 
 __all__ = [
     "MAXVIO_METRIC_PATH",
+    "CompactProgressCallback",
     "LoadMeasurement",
     "LossFreeBalancer",
     "LossFreeBalancingCallback",
