@@ -55,6 +55,7 @@ def load_script():
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as an import does: dataclasses resolve string annotations through it
         spec.loader.exec_module(module)
         return module
 
