@@ -66,3 +66,11 @@ def test_python_block_runs_as_written(
             f"{type(error).__name__}: {error}",
             pytrace=False,
         )
+
+
+def test_readme_trainer_example_trains_on_real_text_with_a_tokenizer():
+    """The front page's first example is what a user adapts: text and a tokenizer, not random token ids."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## With `Trainer`") :].split("\n## ")[0]
+    (code,) = [match.group(2) for match in PYTHON_BLOCK.finditer(section)]
+    assert "randint" not in code and "tokenizer = " in code and "processing_class=tokenizer" in code
