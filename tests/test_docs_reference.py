@@ -172,3 +172,27 @@ def test_the_readme_names_every_command_and_its_script():
     for command in commands:
         script = command.value.removeprefix("hf_lossfree_moe_scripts.").removesuffix(":main")
         assert f"| `{command.name}` | `scripts/{script}.py` |" in readme
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_every_local_link_and_named_file_exists():
+    """Links between pages (with their #anchors) and the files the prose names in backticks."""
+    broken = []
+    for document, text in documents_text().items():
+        folder = (ROOT / document).parent
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            page = (folder / path).resolve() if path else ROOT / document
+            if not page.exists() or (anchor and anchor not in anchors(page.read_text(encoding="utf-8"))):
+                broken.append(f"{document}: {target}")
+        for named in re.findall(r"`((?:src|scripts|tests|docs|model_cards|hf_lossfree_moe)/[\w/.-]+)`", text):
+            if not any(path.exists() for path in (ROOT / named, ROOT / "src" / named)):
+                broken.append(f"{document}: {named}")
+    assert broken == []
