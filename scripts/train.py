@@ -22,8 +22,9 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_lossfree_moe import LossFreeMoeConfig
 from hf_lossfree_moe.configuration_lossfree_moe import BiasType, BiasUpdateRule, LoadBalancing, ScoringFunc
 from hf_lossfree_moe.data import TextDataArguments, TextDatasets, check_data_file
+from hf_lossfree_moe.run_files import ROUTING_HISTORY_FILE
 from hf_lossfree_moe_scripts.run_record import (
     RUN_RECORD_FILE,
     RunRecord,
@@ -181,6 +183,17 @@ class DataArguments(TextDataArguments):
             "run read another (the model card lists the steps of each)."
         },
     )
+
+
+# `hf_lossfree_moe.data` names a parameter in backticks in its errors; here each is the flag the user typed.
+DATA_FLAGS = {f"`{flag.name}`": f"--{flag.name}" for flag in fields(DataArguments)}
+DATA_FLAGS["`text_column`"] = "--text_column_name"  # the loaders' name for the column flag
+
+
+def in_flags(message: str) -> str:
+    """`message` with every data parameter it names in backticks written as its flag, e.g. `train_file` as
+    --train_file."""
+    return re.sub(r"`\w+`", lambda name: DATA_FLAGS.get(name.group(0), name.group(0)), message)
 
 
 @dataclass
@@ -488,7 +501,7 @@ def prepare(
 
 def load_history(checkpoint: str | None) -> "RoutingHistory | None":
     """The routing history saved with `checkpoint`, so a resumed run's plots cover the whole run."""
-    from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, RoutingHistory
+    from hf_lossfree_moe.plotting import RoutingHistory
 
     path = Path(checkpoint, ROUTING_HISTORY_FILE) if checkpoint else None
     return RoutingHistory.load(path) if path is not None and path.is_file() else None
@@ -563,7 +576,7 @@ def package(
 ) -> None:
     """Write what the saved model lacks to be shared: state, routing history, plots and (after an evaluation) card."""
     from hf_lossfree_moe.model_card import DataSource, render_model_card, sample_prompt
-    from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, draw_run_plots
+    from hf_lossfree_moe.plotting import draw_run_plots
 
     args = trainer.args
     output_dir = Path(args.output_dir)
@@ -625,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         check_before_work(model_args, data_args, training_args)
         job = prepare(model_args, data_args, training_args, record)
     except (ValueError, OSError, StrictDataclassError) as error:
-        raise SystemExit("error: " + " ".join(str(error).split())) from None
+        raise SystemExit("error: " + " ".join(in_flags(str(error)).split())) from None
     run(job, model_args, data_args, training_args)
 
 
