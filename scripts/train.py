@@ -336,7 +336,7 @@ def check_before_work(model_args: ModelArguments, data_args: DataArguments, trai
         check_finished_output_dir(training_args.output_dir, model_args.overwrite_output_dir)
     for name in ("train_file", "validation_file"):
         if getattr(data_args, name) is not None:
-            check_data_file(getattr(data_args, name), f"--{name}")
+            check_data_file(getattr(data_args, name), name)
     check_pretrained_name(model_args.model_name_or_path, "--model_name_or_path")
     check_pretrained_name(model_args.config_name, "--config_name")
     check_pretrained_name(data_args.tokenizer_name, "--tokenizer_name")
