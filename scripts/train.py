@@ -106,7 +106,15 @@ BALANCING_FIELDS = (
 )
 # Keys of a saved config.json that say how it was saved or run, not which model it is (checkpoints written during
 # training hold use_cache=False).
-CONFIG_METADATA_KEYS = {"transformers_version", "architectures", "auto_map", "dtype", "_name_or_path", "use_cache"}
+CONFIG_METADATA_KEYS = {
+    "transformers_version",
+    "transformers_requirement",
+    "architectures",
+    "auto_map",
+    "dtype",
+    "_name_or_path",
+    "use_cache",
+}
 
 
 @dataclass

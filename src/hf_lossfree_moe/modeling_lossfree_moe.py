@@ -18,9 +18,14 @@ selects the top-K of `score + e_score_correction_bias` (or `score * bias`), and 
 *unbiased* scores. The router never changes its bias: `LossFreeBalancer` does, from outside, once per optimizer step.
 Attention, norms, rotary embeddings and caches are transformers' own; so are the experts kernels, plus the default
 `sorted_mm` (sorted_experts.py), faster on CPU.
-This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`.
+This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`. It
+imports its configuration first, which stops an unsupported transformers version with an error naming the versions.
 """
 
+from .configuration_lossfree_moe import LossFreeMoeConfig
+
+
+# isort: split
 from collections.abc import Callable
 
 import torch
@@ -47,7 +52,6 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_lossfree_moe import LossFreeMoeConfig
 from .sorted_experts import SORTED_MM
 
 
