@@ -10,14 +10,9 @@ import torch
 from transformers import Trainer, TrainerState, TrainingArguments
 
 from hf_lossfree_moe import LossFreeMoeForCausalLM, add_balancing_callback
-from hf_lossfree_moe.checkpoints import (
-    FAULT_VARIABLE,
-    TRAINER_STATE_FILE,
-    check_complete,
-    fault_point,
-    newest_complete_checkpoint,
-)
-from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, RoutingHistory, RoutingHistoryRecorder
+from hf_lossfree_moe.checkpoints import FAULT_VARIABLE, check_complete, fault_point, newest_complete_checkpoint
+from hf_lossfree_moe.plotting import RoutingHistory, RoutingHistoryRecorder
+from hf_lossfree_moe.run_files import ROUTING_HISTORY_FILE, TRAINER_STATE_FILE
 
 
 def write_checkpoint(folder, step: int, state_text: str | None = None):

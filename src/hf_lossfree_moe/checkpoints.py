@@ -20,8 +20,9 @@ from pathlib import Path
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .run_files import TRAINER_STATE_FILE
 
-TRAINER_STATE_FILE = "trainer_state.json"
+
 FAULT_VARIABLE = "HF_LOSSFREE_MOE_FAULT"
 
 

@@ -18,14 +18,10 @@ from matplotlib.ticker import MaxNLocator
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .callbacks import LossFreeBalancingCallback
-from .checkpoints import TRAINER_STATE_FILE
 from .routers import layer_numbers
+from .run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT, ROUTING_HISTORY_FILE, TRAINER_STATE_FILE
 
 
-ROUTING_HISTORY_FILE = "routing_history.json"
-MAXVIO_PLOT = "maxvio_batch.png"
-LOAD_HEATMAP_PLOT = "eval_load_heatmap.png"
-BIAS_PLOT = "bias_trajectories.png"
 # Cell values are printed on the heatmap up to this many experts; beyond, they would not fit.
 MAX_ANNOTATED_EXPERTS = 32
 
