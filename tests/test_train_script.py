@@ -78,7 +78,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, train_script):
+def uninterrupted(tmp_path_factory):
     """The run that `test_a_run_killed_while_checkpointing_resumes_to_the_uninterrupted_run` kills, left alone."""
     output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     threads = torch.get_num_threads()
@@ -466,9 +466,7 @@ def routing_outcome(run: Path) -> tuple[list[int], list, dict[str, torch.Tensor]
         pytest.param("after_trainer_state", marks=pytest.mark.slow),
     ],
 )
-def test_a_run_killed_while_checkpointing_resumes_to_the_uninterrupted_run(
-    stage, uninterrupted, train_script, tmp_path, one_thread
-):
+def test_a_run_killed_while_checkpointing_resumes_to_the_uninterrupted_run(stage, uninterrupted, tmp_path, one_thread):
     """Killed at each stage of writing checkpoint-4 (save_total_limit=1): the newest complete checkpoint survives, an
     incomplete one is refused by name, and resuming ends with the uninterrupted run's biases and routing history."""
     run = tmp_path / "run"
