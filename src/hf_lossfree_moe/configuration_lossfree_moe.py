@@ -15,12 +15,36 @@
 
 Field names follow transformers' MoE models (DeepSeek-V3, GLM-4.5) so tools and users recognise them. Defaults are
 the paper's (Wang et al., arXiv 2408.15664): sigmoid gate, un-normalised gate values, sign rule with u = 1e-3.
-This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`.
+This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`; it
+first checks the installed transformers version, since the shipped model code builds on transformers internals.
 """
 
 import math
 from functools import wraps
 from typing import Literal, get_args
+
+import transformers
+from packaging.specifiers import SpecifierSet
+
+
+# The transformers versions this code is tested with; pyproject.toml requires the same. The model code builds on
+# transformers internals (`create_causal_mask`, `capture_outputs`, `merge_with_config_defaults`, the experts
+# interface) that change between releases: under 5.23 a model loads, then fails at its first forward
+# (`create_causal_mask` takes no `cache` there). Saved configs and model cards state the range.
+TRANSFORMERS_REQUIREMENT = ">=5.24,<6"
+
+
+def check_transformers_version() -> None:
+    """Raise `ImportError` naming the installed and the required transformers versions when they do not match."""
+    installed = transformers.__version__
+    if not SpecifierSet(TRANSFORMERS_REQUIREMENT).contains(installed, prereleases=True):
+        raise ImportError(
+            f"LossFreeMoe needs transformers{TRANSFORMERS_REQUIREMENT}, but transformers {installed} is installed; "
+            f'install a supported version with `pip install "transformers{TRANSFORMERS_REQUIREMENT}"`.'
+        )
+
+
+check_transformers_version()  # before the imports below, which an unsupported version may already fail
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
@@ -215,6 +239,10 @@ class LossFreeMoeConfig(PreTrainedConfig):
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = PAPER_AUX_LOSS_COEF if self.load_balancing == "aux_loss" else 0.0
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The config as saved, stating the transformers versions its model code needs (`transformers_requirement`)."""
+        return {**super().to_dict(), "transformers_requirement": TRANSFORMERS_REQUIREMENT}
 
     @property
     def num_moe_layers(self) -> int:
@@ -421,4 +449,4 @@ def _raise_value_errors(config_class):
 _raise_value_errors(LossFreeMoeConfig)
 
 
-__all__ = ["LossFreeMoeConfig"]
+__all__ = ["TRANSFORMERS_REQUIREMENT", "LossFreeMoeConfig", "check_transformers_version"]
