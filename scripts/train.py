@@ -22,8 +22,9 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -49,7 +50,8 @@ from hf_lossfree_moe.configuration_lossfree_moe import BiasType, BiasUpdateRule,
 from hf_lossfree_moe.data import TextDataArguments, TextDatasets, tokenize_and_group, train_bpe_tokenizer
 from hf_lossfree_moe.export import check_glm4_moe_compatible
 from hf_lossfree_moe.model_card import DataSource, render_model_card, sample_prompt
-from hf_lossfree_moe.plotting import ROUTING_HISTORY_FILE, RoutingHistory, RoutingHistoryRecorder, draw_run_plots
+from hf_lossfree_moe.plotting import RoutingHistory, RoutingHistoryRecorder, draw_run_plots
+from hf_lossfree_moe.run_files import ROUTING_HISTORY_FILE
 from hf_lossfree_moe_scripts.run_record import (
     RUN_RECORD_FILE,
     RunRecord,
@@ -186,6 +188,17 @@ class DataArguments(TextDataArguments):
             "run read another (the model card lists the steps of each)."
         },
     )
+
+
+# `hf_lossfree_moe.data` names a parameter in backticks in its errors; here each is the flag the user typed.
+DATA_FLAGS = {f"`{flag.name}`": f"--{flag.name}" for flag in fields(DataArguments)}
+DATA_FLAGS["`text_column`"] = "--text_column_name"  # the loaders' name for the column flag
+
+
+def in_flags(message: str) -> str:
+    """`message` with every data parameter it names in backticks written as its flag, e.g. `train_file` as
+    --train_file."""
+    return re.sub(r"`\w+`", lambda name: DATA_FLAGS.get(name.group(0), name.group(0)), message)
 
 
 @dataclass
@@ -540,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
         model_args, data_args, training_args, record = parse_arguments(argv)
         job = prepare(model_args, data_args, training_args, record)
     except (ValueError, OSError, StrictDataclassError) as error:
-        raise SystemExit("error: " + " ".join(str(error).split())) from None
+        raise SystemExit("error: " + " ".join(in_flags(str(error)).split())) from None
     run(job, model_args, data_args, training_args)
 
 

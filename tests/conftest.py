@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import subprocess
@@ -101,22 +100,6 @@ def tiny_model(**overrides) -> LossFreeMoeForCausalLM:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-@pytest.fixture(scope="session")
-def load_script():
-    """Import `scripts/<name>.py` as a module, so that a script's own functions can be tested directly."""
-
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    return load
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_lossfree_moe import LossFreeBalancer, compute_maxvio
+from hf_lossfree_moe_scripts import reproduce_paper
 from hf_lossfree_moe_scripts.reproduce.methods import (
     ABLATIONS,
     MAIN_COMPARISON,
@@ -308,14 +309,14 @@ def check_outputs(output_dir: Path, steps: int, comparisons: list[str]):
         assert (output_dir / png).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path, one_thread, load_script):
+def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path, one_thread):
     rng = random.Random(0)
     words = "router expert token bias load balance layer score gate update sign mean step".split()
     paragraphs = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)]
     train_file = tmp_path / "corpus.txt"
     train_file.write_text("\n\n".join(paragraphs))
     output_dir = tmp_path / "results"
-    load_script("reproduce_paper").main(
+    reproduce_paper.main(
         [
             "--quick",
             "--train_file",
@@ -339,8 +340,8 @@ def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path
     check_outputs(output_dir, steps=4, comparisons=["main", *ABLATIONS])
 
 
-def test_quick_replay_end_to_end(tmp_path, load_script):
+def test_quick_replay_end_to_end(tmp_path):
     """The documented smoke test, on the embedded corpus, with the default worker processes (about 40 s on 2 busy
     cores)."""
-    load_script("reproduce_paper").main(["--quick", "--output_dir", str(tmp_path)])
+    reproduce_paper.main(["--quick", "--output_dir", str(tmp_path)])
     check_outputs(tmp_path, steps=40, comparisons=["main"])

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_lossfree_moe import LossFreeMoeConfig
 from hf_lossfree_moe.data import embedded_datasets
+from hf_lossfree_moe_scripts import train as train_script
 from hf_lossfree_moe_scripts.run_record import RunRecord
 
 
@@ -57,11 +58,6 @@ output = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=
 print(type(model).__module__)
 print(output.shape[1] - inputs["input_ids"].shape[1], repr(tokenizer.decode(output[0])))
 """
-
-
-@pytest.fixture(scope="module")
-def train_script(load_script):
-    return load_script("train")
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +186,7 @@ def small_jsonl(tmp_path):
 
 
 def test_resume_restores_the_run_and_switches_data_only_when_asked(
-    trained, train_script, tmp_path, small_jsonl, monkeypatch, one_thread
+    trained, tmp_path, small_jsonl, monkeypatch, one_thread
 ):
     output_dir, _ = trained
     run = tmp_path / "run"
@@ -231,7 +227,7 @@ def test_resume_restores_the_run_and_switches_data_only_when_asked(
     assert "- 8 optimizer steps" in card
 
 
-def test_checkpoint_without_a_record_needs_its_data_named(trained, train_script, tmp_path, one_thread):
+def test_checkpoint_without_a_record_needs_its_data_named(trained, tmp_path, one_thread):
     """A checkpoint of a plain Trainer or an older version: no run_record.json, so neither data nor sizes are known."""
     output_dir, _ = trained
     run = tmp_path / "run"
@@ -250,7 +246,7 @@ def test_checkpoint_without_a_record_needs_its_data_named(trained, train_script,
     assert "  - steps 5-6 (2 steps): the embedded corpus `python-docs`" in card
 
 
-def test_resuming_a_finished_model_points_to_model_name_or_path(trained, train_script):
+def test_resuming_a_finished_model_points_to_model_name_or_path(trained):
     output_dir, _ = trained
     before = sorted(os.listdir(output_dir))
     with pytest.raises(
@@ -279,7 +275,7 @@ def test_a_changed_data_file_opens_a_new_stretch_when_asked_for(tmp_path):
     assert resumed.data_sources[1].files["train_file"]["size"] == len("second version")
 
 
-def test_model_name_or_path_continues_training_with_new_balancing_flags(trained, train_script, tmp_path, one_thread):
+def test_model_name_or_path_continues_training_with_new_balancing_flags(trained, tmp_path, one_thread):
     output_dir, _ = trained
     continued = tmp_path / "continued"
     train_script.main(
@@ -326,7 +322,7 @@ def small_csv(tmp_path):
         (["--resume_with_new_data"], "--resume_with_new_data only applies with --resume_from_checkpoint"),
     ],
 )
-def test_bad_arguments_stop_before_training(train_script, tmp_path, arguments, message):
+def test_bad_arguments_stop_before_training(tmp_path, arguments, message):
     output_dir = tmp_path / "out"
     with pytest.raises(SystemExit, match=message) as stopped:
         train_script.main(["--output_dir", str(output_dir), *arguments])
@@ -346,7 +342,7 @@ def test_bad_arguments_stop_before_training(train_script, tmp_path, arguments, m
     ],
     ids=["empty", "ten"],
 )
-def test_too_little_data_stops_with_the_fix(train_script, tmp_path, documents, message):
+def test_too_little_data_stops_with_the_fix(tmp_path, documents, message):
     path = tmp_path / ("empty.jsonl" if not documents else "ten.jsonl")
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
     with pytest.raises(SystemExit, match=message) as stopped:
@@ -355,14 +351,14 @@ def test_too_little_data_stops_with_the_fix(train_script, tmp_path, documents, m
     assert not (tmp_path / "out").exists()
 
 
-def test_invalid_choice_is_refused_with_the_allowed_values(train_script, capsys):
+def test_invalid_choice_is_refused_with_the_allowed_values(capsys):
     with pytest.raises(SystemExit) as stopped:
         train_script.main(["--bias_update_rule", "cosine"])
     assert stopped.value.code == 2
     assert "error: argument --bias_update_rule/--bias-update-rule: invalid choice: 'cosine'" in capsys.readouterr().err
 
 
-def test_help_describes_the_script_and_lists_allowed_values(train_script, capsys):
+def test_help_describes_the_script_and_lists_allowed_values(capsys):
     with pytest.raises(SystemExit) as stopped:
         train_script.main(["--help"])
     assert stopped.value.code == 0
@@ -377,13 +373,13 @@ def test_help_describes_the_script_and_lists_allowed_values(train_script, capsys
         assert f"--{flag} {choices}" in help_text
 
 
-def test_unknown_text_column_stops_before_training(train_script, tmp_path, small_csv):
+def test_unknown_text_column_stops_before_training(tmp_path, small_csv):
     with pytest.raises(SystemExit, match=r"--text_column_name 'text' is not a column .* \['content'\]"):
         train_script.main(["--train_file", str(small_csv), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
-def test_output_dir_with_a_different_model_needs_overwrite(train_script, tmp_path, small_csv):
+def test_output_dir_with_a_different_model_needs_overwrite(tmp_path, small_csv):
     output_dir = tmp_path / "out"
     # The ids the run gives its tokenizer's special tokens: <|endoftext|> (0) ends documents, <|padding|> (1) pads.
     saved = LossFreeMoeConfig(
@@ -397,7 +393,7 @@ def test_output_dir_with_a_different_model_needs_overwrite(train_script, tmp_pat
     assert sorted(os.listdir(output_dir)) == before
 
 
-def test_output_dir_without_a_model_needs_overwrite(train_script, tmp_path):
+def test_output_dir_without_a_model_needs_overwrite(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     config = LossFreeMoeConfig(**train_script.TINY_CONFIG)
     with pytest.raises(ValueError, match="is not empty and holds no model; pass --overwrite_output_dir"):
@@ -405,7 +401,7 @@ def test_output_dir_without_a_model_needs_overwrite(train_script, tmp_path):
     train_script.check_output_dir(str(tmp_path), config, overwrite=True)
 
 
-def test_argument_file_is_read_as_a_config_file(train_script, tmp_path):
+def test_argument_file_is_read_as_a_config_file(tmp_path):
     arguments = {"output_dir": str(tmp_path / "out"), "bias_update_rate": 0.01, "block_size": 128, "max_steps": 7}
     (tmp_path / "args.json").write_text(json.dumps(arguments))
     model_args, data_args, training_args, _ = train_script.parse_arguments([str(tmp_path / "args.json")])
@@ -413,9 +409,7 @@ def test_argument_file_is_read_as_a_config_file(train_script, tmp_path):
     assert train_script.build_config(model_args).bias_update_rate == 0.01
 
 
-def test_output_dir_with_the_same_model_is_reused_and_a_stopped_run_is_judged_by_its_checkpoint(
-    train_script, tmp_path
-):
+def test_output_dir_with_the_same_model_is_reused_and_a_stopped_run_is_judged_by_its_checkpoint(tmp_path):
     config = LossFreeMoeConfig(**train_script.TINY_CONFIG)
     config.save_pretrained(tmp_path / "finished")
     train_script.check_output_dir(str(tmp_path / "finished"), config, overwrite=False)  # rerunning the same job
@@ -431,7 +425,7 @@ def test_output_dir_with_the_same_model_is_reused_and_a_stopped_run_is_judged_by
     ("content", "message"),
     [("{not json", r"args.json is not valid JSON"), ('{"n_experts": 4}', r"keys are not used .*n_experts")],
 )
-def test_bad_argument_file_stops_before_training(train_script, tmp_path, content, message):
+def test_bad_argument_file_stops_before_training(tmp_path, content, message):
     (tmp_path / "args.json").write_text(content)
     with pytest.raises(SystemExit, match=message):
         train_script.main([str(tmp_path / "args.json")])

@@ -20,13 +20,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import LossFreeBalancingCallback
 from .routers import layer_numbers
+from .run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT, ROUTING_HISTORY_FILE, TRAINER_STATE_FILE
 
 
-ROUTING_HISTORY_FILE = "routing_history.json"
-TRAINER_STATE_FILE = "trainer_state.json"
-MAXVIO_PLOT = "maxvio_batch.png"
-LOAD_HEATMAP_PLOT = "eval_load_heatmap.png"
-BIAS_PLOT = "bias_trajectories.png"
 # Cell values are printed on the heatmap up to this many experts; beyond, they would not fit.
 MAX_ANNOTATED_EXPERTS = 32
 
