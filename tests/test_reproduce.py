@@ -241,7 +241,7 @@ def test_ablation_selection():
     comparisons = select_comparisons(["all"])
     assert [c.name for c in comparisons] == ["main", *ABLATIONS]
     names = [method.name for method in methods_of(comparisons)]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 15
     assert [c.name for c in select_comparisons(["rule", "rule"])] == ["main", "rule"]
     assert [c.name for c in select_comparisons(["softmax,rule"])] == ["main", "softmax", "rule"]
     assert [c.name for c in select_comparisons([])] == ["main"]
@@ -305,6 +305,8 @@ def check_outputs(output_dir: Path, steps: int, comparisons: list[str]):
     assert report.splitlines()[2].startswith("**A pipeline check, not a result.**")
     assert results["pipeline_check"] is True
     pngs = [f"maxvio_batch_{name}.png" for name in comparisons] + [f"expert_loads_{m.name}.png" for m in methods]
+    pngs.append("maxvio_by_batch_size.png")
+    assert "## MaxVio over computation batches of growing size (RQ3)" in report
     for png in pngs:
         assert (output_dir / png).read_bytes()[:8] == PNG_MAGIC
 

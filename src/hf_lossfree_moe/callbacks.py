@@ -8,13 +8,17 @@ Trainer's list the first time the Trainer calls it; `add_balancing_callback(trai
 """
 
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .balance_metrics import compute_load_metrics, compute_maxvio
 from .balancing import LoadMeasurement, LossFreeBalancer
+from .checkpoints import fault_point
 from .compat import calling_handler
 from .settings import BalancingSettings
 
@@ -42,6 +46,10 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     takes them back at its next `train()`. At an evaluation it can attach only after the first batch (when its routers
     were taken, or when it was added with `trainer.add_callback` after the Trainer was built): that evaluation leaves
     out its MaxVio with a warning, the next one has it.
+
+    Files that belong in each checkpoint beside the balancer's state (`RoutingHistoryRecorder`'s history, a script's
+    run record) are registered with `add_checkpoint_file`: they are written before the checkpoint's
+    `trainer_state.json`, so a checkpoint is complete once that file is (see `checkpoints.py`).
 
     Args:
         settings, process_group, **overrides: As for `LossFreeBalancer`: checked here and passed on; unset settings
@@ -77,6 +85,19 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self._evaluating = False
         self._evaluation_incomplete = False
         self._step_stats: list[dict[str, float]] = []
+        self._checkpoint_files: dict[str, Callable[[Path, int], None]] = {}
+        self._training: tuple[TrainingArguments, TrainerState] | None = None
+
+    def add_checkpoint_file(self, name: str, write: Callable[[Path, int], None]) -> None:
+        """Have every checkpoint hold the file `name`: `write(path, step)` writes it at optimizer step `step`."""
+        self._checkpoint_files[name] = write
+
+    def write_checkpoint_files(self, checkpoint: Path, step: int) -> None:
+        """Write the registered files into `checkpoint`, the folder of optimizer step `step`."""
+        fault_point("before_balancer_files", step)
+        for name, write in self._checkpoint_files.items():
+            write(checkpoint / name, step)
+            fault_point(f"after_{Path(name).stem}", step)
 
     def attach(self, model):
         """Build the balancer for `model` (wrappers are unwrapped); a no-op while it is attached to it.
@@ -110,14 +131,31 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self.balancer_state = None
         self._eval_measurement.reset()
         self._step_stats = []
+        self._training = (args, state)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._training = None
 
     def state(self) -> dict:
         """Saved by Trainer in each checkpoint's trainer_state.json: the balancer's state between steps (the SMEBU
         momentum, the count of updates), restored when training resumes, so a resumed run updates as an
-        uninterrupted one would."""
+        uninterrupted one would.
+
+        During training, Trainer calls it right before writing a checkpoint's trainer_state.json, the file that
+        makes the checkpoint count as done (and only then deletes older checkpoints): the registered checkpoint
+        files are written here, so no checkpoint holds a trainer_state.json without them.
+        """
+        if self._training is not None:
+            args, state = self._training
+            checkpoint = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if args.should_save and checkpoint.is_dir():
+                self.write_checkpoint_files(checkpoint, state.global_step)
         args = self.settings.to_dict()
         balancer_state = None if self.balancer is None else self.balancer.state_dict()
         return {"args": args, "attributes": {"balancer_state": balancer_state}}
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        fault_point("after_trainer_state", state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._step_stats.append(self.balancer.step())

@@ -18,7 +18,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .configuration_lossfree_moe import LossFreeMoeConfig
+from .configuration_lossfree_moe import TRANSFORMERS_REQUIREMENT, LossFreeMoeConfig
 from .run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
 
 
@@ -175,6 +175,7 @@ def render_model_card(
         maxvio_rows=maxvio_rows,
         sample_prompt=json.dumps(sample_prompt, ensure_ascii=False),  # a JSON string is a valid Python literal
         data_sources=data_sources,
+        transformers_requirement=TRANSFORMERS_REQUIREMENT,
         **metrics,
     )
 

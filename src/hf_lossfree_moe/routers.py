@@ -57,6 +57,12 @@ def holds_bias(module: nn.Module) -> bool:
     return BIAS_NAME in own_tensors
 
 
+def routes_by_expert_choice(module: nn.Module) -> bool:
+    """Whether `module` is an Expert Choice router, as it says with `routes_by_expert_choice = True`: its experts pick
+    their tokens, so every expert gets the same load by construction and there is no bias to balance."""
+    return getattr(module, "routes_by_expert_choice", False) is True
+
+
 def deepseek_v3_topk_indices(router: nn.Module, output: Any) -> torch.Tensor:
     """The (T, K) indices of a `(router_logits, topk_weights, topk_indices)` output."""
     indices = output[-1] if isinstance(output, tuple) and len(output) == 3 else None
@@ -194,6 +200,13 @@ def find_routers(model: nn.Module) -> list[FoundRouter]:
     adapters = [*_FAMILY_ADAPTERS.values(), DEEPSEEK_V3_ADAPTER]
     idle = idle_modules(model)
     names = {module: name for name, module in model.named_modules()}
+    expert_choice = [name for module, name in names.items() if routes_by_expert_choice(module)]
+    if expert_choice:
+        raise ValueError(
+            f"{expert_choice[0]} routes by Expert Choice (load_balancing='expert_choice'): each expert picks its "
+            "tokens, so loads are balanced by construction and there is no bias to update. LossFreeBalancer and its "
+            "callback do not apply; train such a model without them."
+        )
     located = []
     for module in names:
         if module in idle:
@@ -247,6 +260,7 @@ __all__ = [
     "layer_numbers",
     "read_scores",
     "register_router_adapter",
+    "routes_by_expert_choice",
     "wrapper_copies",
     "router_scores",
     "scoring_function",
