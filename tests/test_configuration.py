@@ -142,6 +142,24 @@ def test_head_dim_is_settable_like_deepseek_v3(tiny_config):
         tiny_config(head_dim=0)
 
 
+@pytest.mark.parametrize(
+    "overrides, field, allowed",
+    [
+        ({"bias_update_rule": "qb"}, "bias_update_rule", "'quantile', 'smebu'"),
+        ({"bias_update_schedule": "step"}, "bias_update_schedule", "'linear_warmup', 'cosine'"),
+        ({"bias_update_warmup_steps": -1}, "bias_update_warmup_steps", "an integer >= 0"),
+        ({"bias_update_stop_fraction": 0.0}, "bias_update_stop_fraction", "(0, 1]"),
+        ({"bias_update_stop_fraction": 1.5}, "bias_update_stop_fraction", "(0, 1]"),
+        ({"bias_quantile_ema": 0.0}, "bias_quantile_ema", "(0, 1]"),
+        ({"bias_update_momentum": 1.0}, "bias_update_momentum", "[0, 1)"),
+    ],
+)
+def test_config_rejects_bad_rule_settings_naming_the_field(overrides, field, allowed):
+    with pytest.raises(ValueError, match=f"LossFreeMoeConfig.{field} must be") as error:
+        LossFreeMoeConfig(**overrides)
+    assert allowed in str(error.value)
+
+
 def version_error(installed: str) -> str:
     return (
         f"LossFreeMoe needs transformers>=5.24,<6, but transformers {installed} is installed; install a supported "

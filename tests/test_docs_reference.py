@@ -7,12 +7,14 @@ written in prose, and the tests the pitfall tables name are compared with the li
 import ast
 import inspect
 import re
+from dataclasses import fields
 from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
 
 import hf_lossfree_moe
+from hf_lossfree_moe.settings import ALIASES, BalancingSettings
 from hf_lossfree_moe_scripts import config_table
 
 
@@ -101,6 +103,7 @@ def test_documented_signature_is_the_code_signature(name, shown):
     node = ast.parse(f"def {shown}: pass").body[0].args
     positional = [*node.posonlyargs, *node.args]
     documented = [arg.arg for arg in positional] + [arg.arg for arg in node.kwonlyargs]
+    documented += [node.kwarg.arg] if node.kwarg else []
     with_defaults = positional[len(positional) - len(node.defaults) :]
     defaults = {arg.arg: default for arg, default in zip(with_defaults, node.defaults, strict=True)}
     defaults.update(
@@ -140,7 +143,9 @@ def test_every_keyword_the_docs_pass_is_a_parameter():
     unknown, checked = [], 0
     for document, text in documents_text().items():
         for call in CALL.finditer(text):
-            parameters = inspect.signature(DOCUMENTED_CALLABLES[call.group(1)]).parameters
+            parameters = set(inspect.signature(DOCUMENTED_CALLABLES[call.group(1)]).parameters)
+            if "overrides" in parameters:  # the balancer's and the callback's settings, by keyword
+                parameters |= {field.name for field in fields(BalancingSettings)} | set(ALIASES)
             keywords = call_keywords(text, call.end())
             checked += len(keywords)
             unknown += [

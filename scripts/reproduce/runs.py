@@ -25,9 +25,15 @@ from datasets import DatasetDict
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, add_balancing_callback, maxvio
+from hf_lossfree_moe import (
+    LossFreeBalancer,
+    LossFreeMoeConfig,
+    LossFreeMoeForCausalLM,
+    add_balancing_callback,
+    compute_maxvio,
+)
+from hf_lossfree_moe.balance_metrics import compute_load_metrics
 from hf_lossfree_moe.data import TEXT_COLUMN, tokenize_and_group, train_bpe_tokenizer
-from hf_lossfree_moe.load_metrics import load_metrics
 
 from .loads import StepLoadsCallback, computation_batch_sizes, evaluate_by_sequence, maxvio_by_batch_size
 from .methods import Comparison, Method, is_expert_choice, methods_of
@@ -340,7 +346,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     maxvio_batch = [log["maxvio_batch"] for log in steps]
     val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
     val_loss, loads = measure_held_out(model, balancer, val_blocks, spec.scale.eval_batch_size)
-    held_out = maxvio(loads, balancer.layers)
+    held_out = compute_maxvio(loads, balancer.layers)
     train_blocks = spec.blocks["train"]
     seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
     _, seen_loads = measure_held_out(model, balancer, seen_blocks, spec.scale.eval_batch_size)
@@ -352,7 +358,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         val_perplexity=math.exp(val_loss),
         maxvio_global=held_out.mean,
         maxvio_global_per_layer=held_out.per_layer,
-        maxvio_global_train=maxvio(seen_loads, balancer.layers).mean,
+        maxvio_global_train=compute_maxvio(seen_loads, balancer.layers).mean,
         final_maxvio_batch=final_mean(maxvio_batch),
         maxvio_batch=maxvio_batch,
         bias_abs_max=[log["bias_abs_max"] for log in steps],
@@ -362,7 +368,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         router_names=list(balancer.names),
         final_biases=balancer.biases().tolist(),
         wall_time_s=time.perf_counter() - start,
-        val_load_metrics=load_metrics(loads, "val"),
+        val_load_metrics=compute_load_metrics(loads, "val"),
         maxvio_by_batch_size=maxvio_by_batch_size(
             sequence_loads, balancer.layers, computation_batch_sizes(len(val_blocks)), spec.seed
         ),
@@ -394,7 +400,7 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
     val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
     val_loss, sequence_loads = evaluate_by_sequence(model, val_blocks, batch_size)
     loads = sequence_loads.sum(dim=0)  # (L, E)
-    held_out = maxvio(loads, layers)
+    held_out = compute_maxvio(loads, layers)
     train_blocks = spec.blocks["train"]
     seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
     _, seen_loads = evaluate_by_sequence(model, seen_blocks, batch_size)
@@ -406,7 +412,7 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
         val_perplexity=math.exp(val_loss),
         maxvio_global=held_out.mean,
         maxvio_global_per_layer=held_out.per_layer,
-        maxvio_global_train=maxvio(seen_loads.sum(dim=0), layers).mean,
+        maxvio_global_train=compute_maxvio(seen_loads.sum(dim=0), layers).mean,
         final_maxvio_batch=final_mean(step_loads.maxvio_batch),
         maxvio_batch=step_loads.maxvio_batch,
         bias_abs_max=[0.0] * len(step_loads.maxvio_batch),
@@ -416,7 +422,7 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
         router_names=[f"model.layers.{layer}.mlp.gate" for layer in layers],
         final_biases=[[0.0] * spec.scale.n_routed_experts for _ in layers],
         wall_time_s=time.perf_counter() - start,
-        val_load_metrics=load_metrics(loads, "val"),
+        val_load_metrics=compute_load_metrics(loads, "val"),
         maxvio_by_batch_size=maxvio_by_batch_size(
             sequence_loads, layers, computation_batch_sizes(len(val_blocks)), spec.seed
         ),

@@ -15,9 +15,14 @@ import threading
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from . import families  # noqa: F401  (registers router adapters for transformers' MoE families)
+from .balance_metrics import MaxVio, compute_maxvio
 from .configuration_lossfree_moe import LossFreeMoeConfig
 from .metrics import MAXVIO_METRIC_PATH
+from .settings import BalancingSettings
 
+
+# The name of `compute_maxvio` in earlier releases, kept so their code runs unchanged.
+maxvio = compute_maxvio
 
 __version__ = "0.1.0"
 
@@ -25,19 +30,13 @@ __version__ = "0.1.0"
 _LAZY_NAMES = {
     "LoadMeasurement": "balancing",
     "LossFreeBalancer": "balancing",
-    "CompactProgressCallback": "console",
     "LossFreeBalancingCallback": "callbacks",
     "add_balancing_callback": "callbacks",
+    "CompactProgressCallback": "console",
     "export_to_glm4_moe": "export",
-    "MaxVio": "load_metrics",
-    "maxvio": "load_metrics",
-    "LossFreeMoeExperts": "modeling_lossfree_moe",
     "LossFreeMoeForCausalLM": "modeling_lossfree_moe",
     "LossFreeMoeModel": "modeling_lossfree_moe",
     "LossFreeMoePreTrainedModel": "modeling_lossfree_moe",
-    "LossFreeMoeSparseMoeBlock": "modeling_lossfree_moe",
-    "LossFreeMoeTopkRouter": "modeling_lossfree_moe",
-    "sequence_balance_loss": "modeling_lossfree_moe",
     "RouterAdapter": "routers",
     "RouterLocation": "routers",
     "register_router_adapter": "routers",
@@ -89,23 +88,20 @@ LossFreeMoeConfig.__post_init__ = _post_init_registering_models
 
 __all__ = [
     "MAXVIO_METRIC_PATH",
+    "BalancingSettings",
     "CompactProgressCallback",
     "LoadMeasurement",
     "LossFreeBalancer",
     "LossFreeBalancingCallback",
+    "LossFreeMoeConfig",
+    "LossFreeMoeForCausalLM",
+    "LossFreeMoeModel",
+    "LossFreeMoePreTrainedModel",
     "MaxVio",
     "RouterAdapter",
     "RouterLocation",
     "add_balancing_callback",
+    "compute_maxvio",
     "export_to_glm4_moe",
-    "maxvio",
     "register_router_adapter",
-    "LossFreeMoeConfig",
-    "LossFreeMoeExperts",
-    "LossFreeMoeForCausalLM",
-    "LossFreeMoeModel",
-    "LossFreeMoePreTrainedModel",
-    "LossFreeMoeSparseMoeBlock",
-    "LossFreeMoeTopkRouter",
-    "sequence_balance_loss",
 ]

@@ -323,11 +323,6 @@ class LossFreeMoeConfig(PreTrainedConfig):
 
     def validate_load_balancing(self):
         self._require(
-            _finite(self.bias_update_rate) and self.bias_update_rate >= 0,
-            "bias_update_rate",
-            "a number >= 0 (the paper uses 1e-3)",
-        )
-        self._require(
             _finite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
             "router_aux_loss_coef",
             "a number >= 0",
@@ -372,39 +367,19 @@ class LossFreeMoeConfig(PreTrainedConfig):
             )
 
     def validate_bias_update(self):
+        for field, (accepts, allowed) in BALANCING_FIELD_CHECKS.items():
+            self._require(accepts(getattr(self, field)), field, allowed)
         self._require(
-            self.bias_update_rule != "quantile" or self.bias_type == "additive",
-            "bias_update_rule",
-            "other than 'quantile' with bias_type='multiplicative' (Quantile Balancing computes an additive bias)",
-        )
-        self._require(
-            isinstance(self.bias_update_warmup_steps, int) and self.bias_update_warmup_steps >= 0,
-            "bias_update_warmup_steps",
-            "an integer >= 0",
-        )
-        self._require(
-            _finite(self.bias_update_stop_fraction) and 0 < self.bias_update_stop_fraction <= 1,
-            "bias_update_stop_fraction",
-            "a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop)",
-        )
-        self._require(
-            _finite(self.bias_quantile_ema) and 0 < self.bias_quantile_ema <= 1,
-            "bias_quantile_ema",
-            "a number in (0, 1] (the weight of the new candidate; 1: no blending)",
-        )
-        self._require(
-            _finite(self.bias_update_momentum) and 0 <= self.bias_update_momentum < 1,
-            "bias_update_momentum",
-            "a number in [0, 1)",
+            quantile_fits_bias_type(self.bias_update_rule, self.bias_type), "bias_update_rule", QUANTILE_NEEDS_ADDITIVE
         )
 
     def _require(self, condition: bool, field: str, allowed: str):
         _require(condition, field, allowed, getattr(self, field))
 
 
-def _require(condition: bool, field: str, allowed: str, value):
+def _require(condition: bool, field: str, allowed: str, value, owner: str = "LossFreeMoeConfig."):
     if not condition:
-        raise ValueError(f"LossFreeMoeConfig.{field} must be {allowed}, got {value!r}.")
+        raise ValueError(f"{owner}{field} must be {allowed}, got {value!r}.")
 
 
 def _positive_int(value) -> bool:
@@ -413,6 +388,44 @@ def _positive_int(value) -> bool:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each balancing field must be, as (test, description): the config's `validate_bias_update` and
+# `hf_lossfree_moe.settings.BalancingSettings` both judge by this table, so a field has one rule and one message.
+BALANCING_FIELD_CHECKS = {
+    "bias_update_rate": (lambda v: _finite(v) and v >= 0, "a number >= 0 (the paper uses 1e-3)"),
+    "bias_update_rule": (lambda v: v in get_args(BiasUpdateRule), f"one of {get_args(BiasUpdateRule)}"),
+    "bias_update_schedule": (lambda v: v in get_args(BiasUpdateSchedule), f"one of {get_args(BiasUpdateSchedule)}"),
+    "bias_update_warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "bias_update_stop_fraction": (
+        lambda v: _finite(v) and 0 < v <= 1,
+        "a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop)",
+    ),
+    "bias_quantile_ema": (
+        lambda v: _finite(v) and 0 < v <= 1,
+        "a number in (0, 1] (the weight of the new candidate; 1: no blending)",
+    ),
+    "bias_update_momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "bias_type": (lambda v: v in get_args(BiasType), f"one of {get_args(BiasType)}"),
+}
+QUANTILE_NEEDS_ADDITIVE = (
+    "other than 'quantile' with bias_type='multiplicative' (Quantile Balancing computes an additive bias)"
+)
+
+
+def quantile_fits_bias_type(rule, bias_type) -> bool:
+    """Quantile Balancing computes an additive bias: it cannot drive a multiplicative one."""
+    return rule != "quantile" or bias_type == "additive"
+
+
+def check_balancing_field(field: str, value) -> None:
+    """Raise `ValueError` naming `field` when `value` is not what `BALANCING_FIELD_CHECKS` says it must be."""
+    accepts, allowed = BALANCING_FIELD_CHECKS[field]
+    _require(accepts(value), field, allowed, value, owner="")
 
 
 def _allowed(field: str) -> str:

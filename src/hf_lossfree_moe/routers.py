@@ -7,7 +7,6 @@ kept between calls. Copies of a router that do not run, such as the original tha
 beside the trained copy, are not routers: each MoE layer has one, the copy its forward goes through.
 """
 
-import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .compat import scoring_function_from_source
 
 
 BIAS_NAME = "e_score_correction_bias"
@@ -92,9 +93,7 @@ def scoring_function(router: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
 
     The router's own `scoring_func` / `score_function` / `scoring_function` / `score_fn` says it: a name
     (`"sigmoid"`, `"softmax"`) or the callable itself (e.g. `ACT2FN[config.scoring_func]`). A router without one is
-    read by the code of its `forward`: the logits themselves where it adds the bias to `router_logits` (e.g.
-    Kolibri-1, which applies the sigmoid only to the chosen experts' weights), softmax where it calls only softmax,
-    else sigmoid, DeepSeek-V3's function.
+    read by the code of its `forward` (`compat.scoring_function_from_source`).
     """
     for attribute in SCORING_FUNCTION_ATTRIBUTES:
         value = getattr(router, attribute, None)
@@ -102,15 +101,7 @@ def scoring_function(router: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
             return NAMED_SCORING_FUNCTIONS.get(value)
         if callable(value):
             return value
-    try:
-        source = inspect.getsource(type(router).forward)
-    except (OSError, TypeError):
-        return torch.sigmoid
-    if re.search(rf"router_logits\s*\+\s*self\.{BIAS_NAME}", source):
-        return NAMED_SCORING_FUNCTIONS["identity"]
-    if "softmax" in source and "sigmoid" not in source:
-        return NAMED_SCORING_FUNCTIONS["softmax"]
-    return torch.sigmoid
+    return NAMED_SCORING_FUNCTIONS[scoring_function_from_source(type(router), BIAS_NAME)]
 
 
 def router_scores(router: nn.Module, output: Any) -> torch.Tensor:
