@@ -10,7 +10,7 @@ from hf_lossfree_moe import LossFreeBalancer, LossFreeBalancingCallback, LossFre
 from hf_lossfree_moe.load_metrics import load_metrics, maxvio
 from hf_lossfree_moe.routers import read_scores
 from hf_lossfree_moe.testing_utils import build_tiny_model
-from hf_lossfree_moe.update_rules import UpdateSchedule, quantile_candidate, rule_update
+from hf_lossfree_moe.update_rules import UpdateSchedule, quantile_candidate, quantile_weight, rule_update
 
 
 # Four tokens, four experts, top-1: each expert's share is ceil(4 * 1 / 4) = 1 token.
@@ -204,6 +204,15 @@ def test_quantile_update_by_hand():
     torch.testing.assert_close(delta[0].float(), 0.25 * torch.tensor([0.1, 0.0, -0.2, 0.1]))
 
 
+def test_annealed_quantile_weight_at_its_boundaries():
+    # A = 4, floor 0.1: 1 through update 4 (update 1 is the warm start), then 4 / n down to the floor at n = 40
+    assert [quantile_weight(n, 0.1, anneal_steps=4) for n in (1, 4, 5, 8, 39)] == [1.0, 1.0, 0.8, 0.5, 4 / 39]
+    assert [quantile_weight(n, 0.1, anneal_steps=4) for n in (40, 41, 10**6)] == [0.1, 0.1, 0.1]
+    assert [quantile_weight(n, 0.2) for n in (1, 10**6)] == [0.2, 0.2]  # A = 0: the constant weight
+    with pytest.raises(ValueError, match="update must be an integer >= 1"):
+        quantile_weight(0, 0.1, anneal_steps=4)
+
+
 def test_balancer_smebu_keeps_momentum_between_steps():
     model = tiny_model(bias_update_rule="smebu", bias_update_rate=1e-2, bias_update_momentum=0.5)
     balancer = LossFreeBalancer(model)
@@ -282,6 +291,8 @@ def test_callback_takes_total_steps_from_the_trainer(tmp_path):
         ({"bias_update_stop_fraction": 1.5}, "bias_update_stop_fraction", "(0, 1]"),
         ({"bias_quantile_ema": 0.0}, "bias_quantile_ema", "(0, 1]"),
         ({"bias_update_momentum": 1.0}, "bias_update_momentum", "[0, 1)"),
+        ({"bias_update_rule": "quantile", "bias_quantile_anneal_steps": -1}, "bias_quantile_anneal_steps", ">= 0"),
+        ({"bias_quantile_anneal_steps": 10}, "bias_quantile_anneal_steps", "unless bias_update_rule='quantile'"),
     ],
 )
 def test_config_rejects_bad_rule_settings_naming_the_field(overrides, field, allowed):

@@ -96,6 +96,9 @@ class LossFreeMoeConfig(PreTrainedConfig):
         bias_quantile_ema (`float`, defaults to 1.0): Weight of the new candidate in Quantile Balancing's blend
             `b += w * (candidate - b)`; 1 replaces the bias.
         bias_update_momentum (`float`, defaults to 0.9): Momentum mu of the `"smebu"` rule, in [0, 1).
+        bias_quantile_anneal_steps (`int`, defaults to 0): Quantile Balancing only: with A > 0 the weight of the new
+            candidate is 1 for the first A updates (the first one a warm start from the first batch's quantiles),
+            then A / n at update n, never below `bias_quantile_ema`; 0 keeps the constant `bias_quantile_ema`.
         bias_type (`str`, defaults to `"additive"`): `"additive"`: select on `s + b`, b starts at 0;
             `"multiplicative"`: select on `s * b`, b starts at 1 (the paper's ablation).
         router_aux_loss_coef (`float`, *optional*): Weight alpha of the sequence-wise balance loss
@@ -182,6 +185,9 @@ class LossFreeMoeConfig(PreTrainedConfig):
     bias_update_stop_fraction: float | int = 1.0
     bias_quantile_ema: float | int = 1.0
     bias_update_momentum: float | int = 0.9
+    # Quantile Balancing's annealed weight: its scores drift fast early (track them) and its per-batch quantiles are
+    # noisy late (average them); docs/balancing_rules.md has the measurements.
+    bias_quantile_anneal_steps: int = 0
     bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
@@ -328,6 +334,18 @@ class LossFreeMoeConfig(PreTrainedConfig):
             _finite(self.bias_update_momentum) and 0 <= self.bias_update_momentum < 1,
             "bias_update_momentum",
             "a number in [0, 1)",
+        )
+
+    def validate_quantile_anneal(self):
+        self._require(
+            _positive_int(self.bias_quantile_anneal_steps) or self.bias_quantile_anneal_steps == 0,
+            "bias_quantile_anneal_steps",
+            "an integer >= 0 (0: a constant bias_quantile_ema)",
+        )
+        self._require(
+            self.bias_quantile_anneal_steps == 0 or self.bias_update_rule == "quantile",
+            "bias_quantile_anneal_steps",
+            "0 unless bias_update_rule='quantile' (it anneals Quantile Balancing's weight)",
         )
 
     def _require(self, condition: bool, field: str, allowed: str):

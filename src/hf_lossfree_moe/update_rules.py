@@ -16,6 +16,10 @@ the router's scores there and then, so that no score matrix outlives its forward
   received exactly its share. The candidate bias `-beta` is averaged over the router calls of the step (and the
   ranks), re-centred to mean 0 and blended in: `b += w * (candidate - b)`, with w the EMA weight (1: replace).
 
+With `anneal_steps` A > 0 Quantile Balancing's weight anneals: 1 for the first A updates (so the first is a warm start,
+the bias set from the first batch's quantiles), then `A / n` at update n, which averages the candidates over a window
+that grows with training, and never below the weight given (see `quantile_weight`).
+
 A schedule scales the step of every rule (u, or w for `"quantile"`) by a factor in [0, 1] that depends on the
 number n = 1, 2, ... of the update being applied and on the total number of optimizer steps N.
 """
@@ -113,6 +117,29 @@ def check_rule_options(rule, quantile_ema, momentum) -> None:
         raise ValueError(f"bias_update_momentum must be a number in [0, 1), got {momentum!r}.")
 
 
+def check_quantile_anneal_steps(anneal_steps) -> None:
+    """Raise `ValueError` unless `anneal_steps` is an integer >= 0."""
+    if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 0:
+        raise ValueError(
+            f"bias_quantile_anneal_steps must be an integer >= 0 (0: a constant weight), got {anneal_steps!r}."
+        )
+
+
+def quantile_weight(update: int, ema: float, anneal_steps: int = 0) -> float:
+    """Weight w of the new candidate at Quantile Balancing's update number `update` (1-based).
+
+    With `anneal_steps` A = 0, the constant `ema`. With A > 0, `max(ema, min(1, A / update))`: each of the first A
+    updates replaces the bias by its step's candidate, tracking the fast early drift of the router's scores, and the
+    weight then falls as 1 / n, an average over the last ~n / A steps, so the per-batch noise of the quantiles shrinks
+    as training settles; `ema` is the floor.
+    """
+    if isinstance(update, bool) or not isinstance(update, int) or update < 1:
+        raise ValueError(f"update must be an integer >= 1, got {update!r}.")
+    if anneal_steps == 0:
+        return ema
+    return max(ema, min(1.0, anneal_steps / update))
+
+
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -188,7 +215,9 @@ __all__ = [
     "UpdateSchedule",
     "check_rule_options",
     "check_schedule",
+    "check_quantile_anneal_steps",
     "check_total_steps",
     "quantile_candidate",
+    "quantile_weight",
     "rule_update",
 ]
