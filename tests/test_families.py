@@ -88,7 +88,7 @@ def test_a_skewed_bias_is_balanced_in_place(family, config):
     # frozen=False: the weights are frozen to keep routing fixed, the biases must still move. u = 5e-3, not the
     # paper's 1e-3: the skew must unwind within the test's 16 steps, and the sign rule's oscillation (about u) stays
     # well below the spread of the tiny router's scores.
-    balancer = LossFreeBalancer(model, update_rate=5e-3, frozen=False)
+    balancer = LossFreeBalancer(model, bias_update_rate=5e-3, frozen=False)
     input_ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 
     picks = []

@@ -30,7 +30,7 @@ from typing import get_args
 
 import torch
 
-from .configuration_lossfree_moe import BiasUpdateRule, BiasUpdateSchedule
+from .configuration_lossfree_moe import BiasUpdateRule, BiasUpdateSchedule, check_balancing_field
 
 
 UPDATE_RULES = get_args(BiasUpdateRule)
@@ -55,7 +55,9 @@ class UpdateSchedule:
     stop_fraction: float = 1.0
 
     def __post_init__(self):
-        check_schedule(self.kind, self.warmup_steps, self.stop_fraction)
+        check_balancing_field("bias_update_schedule", self.kind)
+        check_balancing_field("bias_update_warmup_steps", self.warmup_steps)
+        check_balancing_field("bias_update_stop_fraction", self.stop_fraction)
 
     @property
     def needs_total_steps(self) -> bool:
@@ -91,40 +93,6 @@ def check_total_steps(total_steps) -> None:
         )
 
 
-def check_schedule(kind, warmup_steps, stop_fraction) -> None:
-    """Raise `ValueError` naming a bad schedule setting."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"bias_update_schedule must be one of {SCHEDULES}, got {kind!r}.")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"bias_update_warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
-    if not (_is_real(stop_fraction) and 0 < stop_fraction <= 1):
-        raise ValueError(
-            f"bias_update_stop_fraction must be a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop), "
-            f"got {stop_fraction!r}."
-        )
-
-
-def check_rule_options(rule, quantile_ema, momentum) -> None:
-    """Raise `ValueError` naming a bad rule or rule option."""
-    if rule not in UPDATE_RULES:
-        raise ValueError(f"bias_update_rule must be one of {UPDATE_RULES}, got {rule!r}.")
-    if not (_is_real(quantile_ema) and 0 < quantile_ema <= 1):
-        raise ValueError(
-            f"bias_quantile_ema must be a number in (0, 1] (the weight of the new candidate; 1: no blending), "
-            f"got {quantile_ema!r}."
-        )
-    if not (_is_real(momentum) and 0 <= momentum < 1):
-        raise ValueError(f"bias_update_momentum must be a number in [0, 1), got {momentum!r}.")
-
-
-def check_quantile_anneal_steps(anneal_steps) -> None:
-    """Raise `ValueError` unless `anneal_steps` is an integer >= 0."""
-    if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 0:
-        raise ValueError(
-            f"bias_quantile_anneal_steps must be an integer >= 0 (0: a constant weight), got {anneal_steps!r}."
-        )
-
-
 def quantile_weight(update: int, ema: float, anneal_steps: int = 0) -> float:
     """Weight w of the new candidate at Quantile Balancing's update number `update` (1-based).
 
@@ -138,10 +106,6 @@ def quantile_weight(update: int, ema: float, anneal_steps: int = 0) -> float:
     if anneal_steps == 0:
         return ema
     return max(ema, min(1.0, anneal_steps / update))
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @torch.no_grad()
@@ -213,9 +177,6 @@ __all__ = [
     "SCHEDULES",
     "UPDATE_RULES",
     "UpdateSchedule",
-    "check_rule_options",
-    "check_schedule",
-    "check_quantile_anneal_steps",
     "check_total_steps",
     "quantile_candidate",
     "quantile_weight",

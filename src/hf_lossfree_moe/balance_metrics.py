@@ -1,9 +1,10 @@
 """Load-balance metrics from per-expert token counts: MaxVio (Wang et al., 2024).
 
-`maxvio()` is the one implementation the balancer, the Trainer callback, the `evaluate` module and the scripts use.
-A layer that received no token has no MaxVio (its mean load is 0): it is skipped, named in `MaxVio.skipped`, and the
-mean is taken over the other layers, so one idle router never hides the metric of the rest. `load_metrics()` adds
-the figures used to debug a routing collapse: dead experts, the spread of the loads and the least-loaded expert.
+`compute_maxvio()` is the one implementation the balancer, the Trainer callback, the `evaluate` module and the
+scripts use. A layer that received no token has no MaxVio (its mean load is 0): it is skipped, named in
+`MaxVio.skipped`, and the mean is taken over the other layers, so one idle router never hides the metric of the rest.
+`compute_load_metrics()` adds the figures used to debug a routing collapse: dead experts, the spread of the loads and
+the least-loaded expert.
 """
 
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ class MaxVio:
         return entries
 
 
-def maxvio(loads: torch.Tensor | Sequence, layers: Sequence[int] | None = None) -> MaxVio:
+def compute_maxvio(loads: torch.Tensor | Sequence, layers: Sequence[int] | None = None) -> MaxVio:
     """MaxVio of `(layers, experts)` loads (an `(experts,)` row is one layer), exact in fp64.
 
     Args:
@@ -60,7 +61,7 @@ def maxvio(loads: torch.Tensor | Sequence, layers: Sequence[int] | None = None) 
     )
 
 
-def load_metrics(loads: torch.Tensor | Sequence, name: str) -> dict[str, float]:
+def compute_load_metrics(loads: torch.Tensor | Sequence, name: str) -> dict[str, float]:
     """Means over the layers that received tokens of three load figures of `(layers, experts)` loads:
 
     - `{name}_dead_expert_fraction`: the fraction of experts that received no token;
@@ -94,4 +95,4 @@ def _checked_loads(loads: torch.Tensor | Sequence) -> torch.Tensor:
     return loads
 
 
-__all__ = ["MaxVio", "load_metrics", "maxvio"]
+__all__ = ["MaxVio", "compute_load_metrics", "compute_maxvio"]
