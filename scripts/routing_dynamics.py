@@ -14,7 +14,9 @@ optionally stopping early, and records per optimizer step and MoE layer, from th
   one step);
 - `logit_abs_mean`: mean |router logit|.
 
-    python scripts/routing_dynamics.py --method loss_free --stop_step 120 --output scratch/dyn_sign.json
+    python scripts/routing_dynamics.py --method loss_free --stop_step 120 --output dyn_sign.json
+    python scripts/routing_dynamics.py --method loss_free_quantile --config '{"bias_quantile_anneal_steps": 100}' \
+        --probe --output dyn_annealed.json
 """
 
 import argparse
@@ -29,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from hf_lossfree_moe import add_balancing_callback, maxvio
 from hf_lossfree_moe.data import TextDataArguments
-from hf_lossfree_moe.update_rules import quantile_candidate, quantile_weight
+from hf_lossfree_moe.update_rules import quantile_candidate
 from hf_lossfree_moe_scripts.reproduce.methods import METHODS, Method
 from hf_lossfree_moe_scripts.reproduce.runs import (
     DEFAULT_SCALE,
@@ -97,19 +99,6 @@ class DynamicsRecorder(TrainerCallback):
         self.steps.append(record)
         if self.stop_step is not None and state.global_step >= self.stop_step:
             control.should_training_stop = True
-
-
-class AnnealedQuantileWeight(TrainerCallback):
-    """Sets Quantile Balancing's weight before every step to `quantile_weight(n, floor, anneal_steps)`."""
-
-    def __init__(self, balancer, floor: float, anneal_steps: int):
-        self.balancer, self.floor, self.anneal_steps = balancer, floor, anneal_steps
-        self.weights: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        update = self.balancer.completed_steps + 1
-        self.balancer.quantile_ema = quantile_weight(update, self.floor, self.anneal_steps)
-        self.weights.append(self.balancer.quantile_ema)
 
 
 @torch.no_grad()
@@ -206,9 +195,6 @@ def main(argv=None):
     parser.add_argument("--max_steps", type=int, default=DEFAULT_SCALE.max_steps)
     parser.add_argument("--output", required=True)
     parser.add_argument("--keep_scores_until", type=int, default=0, help="Save the scores of the first steps (.pt).")
-    parser.add_argument(
-        "--quantile_anneal_steps", type=int, default=0, help="Anneal QB's weight (the method's EMA is the floor)."
-    )
     parser.add_argument("--probe", action="store_true", help="After training, probe held-out balance (see above).")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -226,12 +212,8 @@ def main(argv=None):
         trainer.remove_callback(PrinterCallback)
         balancer = add_balancing_callback(trainer).balancer
         trainer.add_callback(recorder)
-        if args.quantile_anneal_steps:
-            annealer = AnnealedQuantileWeight(balancer, balancer.quantile_ema, args.quantile_anneal_steps)
-            trainer.add_callback(annealer)
         trainer.train()
     record = {"method": method.name, "config": method.config, "seed": args.seed, "steps": recorder.steps}
-    record["quantile_weights"] = annealer.weights if args.quantile_anneal_steps else None
     record["maxvio_global"] = held_out_maxvio(model, balancer, blocks, scale)
     record.update(targets=recorder.targets, biases=recorder.biases)
     if args.probe:
