@@ -129,3 +129,13 @@ def test_a_callback_rebuilt_from_its_checkpoint_state_has_the_same_settings():
     assert LossFreeBalancingCallback(**earlier).settings == BalancingSettings(
         bias_update_rate=1e-2, bias_update_rule="error", center=True
     )
+
+
+def test_the_callback_takes_a_settings_object_and_its_balancer_gets_a_copy(model):
+    settings = BalancingSettings(bias_update_rate=1e-2, center=True)
+    callback = LossFreeBalancingCallback(settings, bias_update_rule="error")
+    callback.attach(model)
+    assert (callback.balancer.update_rate, callback.balancer.rule, callback.balancer.center) == (1e-2, "error", True)
+    callback.balancer.update_rate = 5e-2
+    assert (settings.bias_update_rate, callback.settings.bias_update_rate) == (1e-2, 1e-2)
+    assert settings.bias_update_rule is None  # the keyword set the callback's copy, not the caller's object
