@@ -61,7 +61,7 @@ def main(argv=None):
             train_blocks,
             run_figures(curve),
         )
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(7, 5.5), layout="constrained")
     ax = fig.add_subplot()
     for label, runs in curves.items():
         first = torch.tensor([curve[: args.steps] for curve in runs])  # (seeds, steps)
@@ -74,7 +74,7 @@ def main(argv=None):
     ax.set(xlabel="training step", ylabel="MaxVio_batch", title=f"MaxVio_batch over the first {args.steps} steps")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    fig.legend(loc="outside lower center", ncol=2, fontsize=8)
+    fig.legend(loc="outside lower center", ncol=1, fontsize=8)
     fig.savefig(args.output, dpi=120)
 
 
