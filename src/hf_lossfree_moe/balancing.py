@@ -16,7 +16,14 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .bias_storage import BiasStorage
-from .bias_update import BiasUpdate, bias_statistics, load_statistics, sum_over_ranks, warn_nothing_counted
+from .bias_update import (
+    BiasUpdate,
+    bias_statistics,
+    load_statistics,
+    sum_over_ranks,
+    warn_non_finite,
+    warn_nothing_counted,
+)
 from .counting import LoadMeasurement, TokenCounter, stack_rows
 from .load_groups import LoadSum
 from .routers import BIAS_NAME, FoundRouter, find_routers, layer_numbers, scoring_function
@@ -179,7 +186,9 @@ class LossFreeBalancer:
         the same update and the biases stay identical. Each movable layer's bias then takes the step of the rule
         (see update_rules.py and docs/balancing_rules.md), scaled by the schedule's factor, in fp32 and in place (the
         module keeps the same tensor, so checkpoints and optimizers see it). A multiplicative bias gets the same
-        additive step, from its neutral value 1. A layer that counted no token is left unchanged.
+        additive step, from its neutral value 1. A layer that counted no token is left unchanged, and so is a layer
+        whose router scored a NaN or an infinity during the step, with one warning naming the layers and the step:
+        no rule writes a non-finite value into a bias or into the state it keeps between steps.
 
         Returns:
             Plain floats: `maxvio_batch` (mean over layers that received tokens), `maxvio_batch/layer_{i}` (i is
@@ -191,22 +200,29 @@ class LossFreeBalancer:
             ran in eval mode), and no bias moves.
         """
         quantile = self.rule == "quantile"
-        loads, candidates, ran_in_eval_mode = self._counter.take_step(self.device, with_candidates=quantile)
-        loads, candidates, counted = sum_over_ranks(loads, candidates, self._all_reduce)  # (L, E), (L, E), (L,)
+        loads, non_finite, candidates, ran_in_eval_mode = self._counter.take_step(self.device, quantile)
+        loads, candidates, counted, non_finite = sum_over_ranks(loads, non_finite, candidates, self._all_reduce)
         factor = self._update.next_factor(self.updates_biases)
         stats = load_statistics(loads, self.layers, factor)
         any_counted = bool(loads.sum() > 0)
         if not any_counted:
             warn_nothing_counted(self.attached, ran_in_eval_mode, stacklevel=2)
-        updated = []
+        updated, skipped = [], []
         if any_counted and factor > 0:
             movable = counted & ~self._frozen_routers()  # (L,)
-            updated = movable.nonzero().flatten().tolist()
-            if updated:
-                current = stack_rows([self._storage.bias(i) for i in updated], torch.device("cpu"), torch.float64)
-                deltas = self._update.deltas(loads[movable], current, factor, movable, candidates)  # (L', E) fp64
-                self._storage.add_(updated, deltas, stacklevel=2)
-                self._storage.warn_if_left_out_of_adapter(updated, stacklevel=2)
+            skipped = (movable & non_finite).nonzero().flatten().tolist()
+            movable &= ~non_finite
+            rows = movable.nonzero().flatten().tolist()
+            if rows:
+                current = stack_rows([self._storage.bias(i) for i in rows], torch.device("cpu"), torch.float64)
+                deltas, finite = self._update.deltas(loads[movable], current, factor, movable, candidates)  # (L', E)
+                updated = [index for index, ok in zip(rows, finite.tolist(), strict=True) if ok]
+                skipped = sorted(skipped + [index for index in rows if index not in updated])
+                if updated:
+                    self._storage.add_(updated, deltas[finite], stacklevel=2)
+                    self._storage.warn_if_left_out_of_adapter(updated, stacklevel=2)
+        if skipped:
+            warn_non_finite(self.completed_steps, [self.layers[index] for index in skipped], stacklevel=2)
         stats.update(bias_statistics(self.biases(), self.bias_type, bool(updated)))
         return stats
 
