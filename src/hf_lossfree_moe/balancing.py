@@ -99,13 +99,16 @@ class LossFreeBalancer:
         **overrides,
     ):
         model = extract_model_from_parallel(model, keep_torch_compile=False)
-        self.settings = BalancingSettings.of(settings, **overrides).resolved(getattr(model, "config", None))
+        self._settings = BalancingSettings.of(settings, **overrides).resolved(getattr(model, "config", None))
         self.model = model
         found = find_routers(model)
         # Before any check that may fail on one pipeline stage only: this is a collective there.
         self._load_sum = LoadSum(model, [router.name for router in found], process_group)
         self.process_group = self._load_sum.group
         self.num_experts = _check_routers(model, found, self.settings.bias_update_rule)
+        self._settings.add_assignment_check(
+            lambda name, value: _check_quantile_scores(found, value) if name == "bias_update_rule" else None
+        )
         for previous in {_BALANCER_OF_ROUTER[r.module] for r in found if r.module in _BALANCER_OF_ROUTER}:
             previous.remove()  # two balancers would count every token twice
         for router in found:
@@ -122,6 +125,12 @@ class LossFreeBalancer:
             bias=self._storage.bias,
             collects_candidates=lambda: self.rule == "quantile" and self.updates_biases,
         )
+
+    @property
+    def settings(self) -> BalancingSettings:
+        """The balancer's settings, resolved for its model; set its fields (checked like the constructor's
+        arguments), not the object."""
+        return self._settings
 
     @property
     def routers(self) -> list[nn.Module]:
@@ -170,6 +179,8 @@ class LossFreeBalancer:
 
     @completed_steps.setter
     def completed_steps(self, value: int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"completed_steps must be an integer >= 0, got {value!r}.")
         self._update.completed_steps = value
 
     def biases(self) -> torch.Tensor:
@@ -268,15 +279,21 @@ def _check_routers(model: nn.Module, found: list[FoundRouter], rule: str) -> int
     num_experts = {getattr(r.bias_owner, r.bias_attr).numel() for r in found}
     if len(num_experts) != 1:
         raise ValueError(f"Every router must have the same number of experts, got {sorted(num_experts)}.")
-    if rule == "quantile":
-        unreadable = [r for r in found if r.adapter.scores is None and scoring_function(r.module) is None]
-        if unreadable:
-            raise ValueError(
-                f"bias_update_rule='quantile' needs the routers' scores, but {unreadable[0].name} "
-                f"({type(unreadable[0].module).__name__}) names a scoring function other than sigmoid or softmax. "
-                "Give its `RouterAdapter` a `scores` function, or choose another bias_update_rule."
-            )
+    _check_quantile_scores(found, rule)
     return num_experts.pop()
+
+
+def _check_quantile_scores(found: list[FoundRouter], rule: str) -> None:
+    """`ValueError` when `rule` is Quantile Balancing and a router's scores cannot be read."""
+    if rule != "quantile":
+        return
+    unreadable = [r for r in found if r.adapter.scores is None and scoring_function(r.module) is None]
+    if unreadable:
+        raise ValueError(
+            f"bias_update_rule='quantile' needs the routers' scores, but {unreadable[0].name} "
+            f"({type(unreadable[0].module).__name__}) names a scoring function other than sigmoid or softmax. "
+            "Give its `RouterAdapter` a `scores` function, or choose another bias_update_rule."
+        )
 
 
 __all__ = ["LoadMeasurement", "LossFreeBalancer"]
