@@ -435,6 +435,10 @@ def _allowed(field: str) -> str:
     return f"of type {getattr(annotation, '__name__', annotation)}"
 
 
+# Tested with huggingface_hub 2.4 and transformers 5.24: `@strict`'s `__setattr__` raises
+# `StrictDataclassFieldValidationError` for a value of the wrong type, and `validate()` raises
+# `StrictDataclassClassValidationError` caused by the validator's own error (checked in tests/test_compat.py, beside
+# the other workarounds of compat.py; this one stays here, since a saved model folder loads this file alone).
 def _raise_value_errors(config_class):
     """`@strict` wraps a bad value in its own error types; raise the `ValueError` naming the field instead, so every
     invalid value reaches the user the same way, at construction, on assignment and from `config.validate()`."""
