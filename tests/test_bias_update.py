@@ -146,6 +146,29 @@ def test_balancer_averages_quantile_candidates_over_micro_batches_then_recentres
     torch.testing.assert_close(balancer.biases()[0], expected, atol=1e-6, rtol=0)
 
 
+def test_annealed_quantile_starts_from_the_first_batch_then_blends_with_a_falling_weight():
+    # A = 2, floor 0.25: updates 1 and 2 replace the bias by the batch's re-centred candidate (the first is the warm
+    # start), update 3 blends with weight 2 / 3, update 8 (2 / 8) and later with the floor 0.25
+    model = tiny_model(bias_update_rule="quantile", bias_quantile_anneal_steps=2, bias_quantile_ema=0.25)
+    balancer = LossFreeBalancer(model)
+    router = balancer.routers[0]
+    outputs = []
+    hook = router.register_forward_hook(lambda module, args, output: outputs.append(output))
+    generator = torch.Generator().manual_seed(6)
+    expected_weights = {1: 1.0, 2: 1.0, 3: 2 / 3, 8: 0.25, 9: 0.25}
+    for update in range(1, 10):
+        before = balancer.biases()[0]
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 128, (2, 9), generator=generator))
+        balancer.step()
+        candidate = quantile_candidate(outputs[-1][0].sigmoid(), before, 2)
+        target = candidate - candidate.mean()
+        if update in expected_weights:
+            weight = expected_weights[update]
+            torch.testing.assert_close(balancer.biases()[0], before + weight * (target - before), atol=1e-6, rtol=0)
+    hook.remove()
+
+
 def test_quantile_step_sums_counts_candidates_and_calls_over_ranks_in_one_collective(monkeypatch):
     """Two balancers stand for two ranks: the collective is replaced by adding the other rank's payload."""
     ranks = [LossFreeBalancer(tiny_model(bias_update_rule="quantile")) for _ in range(2)]

@@ -52,6 +52,8 @@ def test_baselines_are_only_measured(tiny_config, load_balancing):
         ({"stop_fraction": float("nan")}, "bias_update_stop_fraction"),
         ({"quantile_ema": 2.0}, "bias_quantile_ema"),
         ({"momentum": -0.1}, "bias_update_momentum"),
+        ({"bias_quantile_anneal_steps": 2.5}, "bias_quantile_anneal_steps"),
+        ({"bias_update_rule": "sign", "bias_quantile_anneal_steps": 5}, "bias_quantile_anneal_steps"),
         ({"total_steps": True}, "total_steps"),
     ],
 )
@@ -195,3 +197,13 @@ def test_the_settings_object_is_changed_field_by_field_not_replaced(model):
         balancer.settings = BalancingSettings(bias_update_rate=1e-2)
     balancer.settings.bias_update_rate = 5e-3
     assert balancer.update_rate == 5e-3
+
+
+def test_the_callback_takes_a_settings_object_and_its_balancer_gets_a_copy(model):
+    settings = BalancingSettings(bias_update_rate=1e-2, center=True)
+    callback = LossFreeBalancingCallback(settings, bias_update_rule="error")
+    callback.attach(model)
+    assert (callback.balancer.update_rate, callback.balancer.rule, callback.balancer.center) == (1e-2, "error", True)
+    callback.balancer.update_rate = 5e-2
+    assert (settings.bias_update_rate, callback.settings.bias_update_rate) == (1e-2, 1e-2)
+    assert settings.bias_update_rule is None  # the keyword set the callback's copy, not the caller's object

@@ -16,7 +16,7 @@ import torch
 from .balance_metrics import compute_load_metrics, compute_maxvio
 from .bias_storage import NEUTRAL_BIAS
 from .settings import BalancingSettings
-from .update_rules import rule_update
+from .update_rules import quantile_weight, rule_update
 
 
 class BiasUpdate:
@@ -51,10 +51,16 @@ class BiasUpdate:
         whether each update is finite; a layer whose update or momentum is not keeps its momentum.
 
         `loads`, `biases` and `candidates` hold the rows of those layers. The schedule's factor multiplies u (for
-        `"quantile"`, the EMA weight); `center=True` then subtracts the mean of each layer's update.
+        `"quantile"`, the EMA weight of this update, annealed with `bias_quantile_anneal_steps`); `center=True` then
+        subtracts the mean of each layer's update.
         """
         settings = self.settings
-        rate = settings.bias_quantile_ema if settings.bias_update_rule == "quantile" else settings.bias_update_rate
+        if settings.bias_update_rule == "quantile":
+            rate = quantile_weight(
+                self.completed_steps, settings.bias_quantile_ema, settings.bias_quantile_anneal_steps
+            )
+        else:
+            rate = settings.bias_update_rate
         state = self.momentum_state[movable]
         delta = rule_update(
             settings.bias_update_rule,

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .configuration_lossfree_moe import (
+    ANNEAL_NEEDS_QUANTILE,
     BALANCING_FIELD_CHECKS,
     QUANTILE_NEEDS_ADDITIVE,
     LossFreeMoeConfig,
+    anneal_fits_rule,
     check_balancing_field,
     quantile_fits_bias_type,
 )
@@ -49,7 +51,8 @@ class BalancingSettings:
 
     Attributes:
         bias_update_rate, bias_update_rule, bias_type, bias_update_schedule, bias_update_warmup_steps,
-            bias_update_stop_fraction, bias_quantile_ema, bias_update_momentum: As in `LossFreeMoeConfig`.
+            bias_update_stop_fraction, bias_quantile_ema, bias_update_momentum, bias_quantile_anneal_steps: As in
+            `LossFreeMoeConfig`.
         center (`bool`, defaults to `False`): Subtract each layer's mean update, so the biases of a layer keep their
             mean (for `"sign"` the mean update is not 0 when fewer experts are over than under the mean load).
         frozen (`bool`, *optional*): `True` keeps every bias fixed while still measuring loads. `None` keeps fixed the
@@ -66,6 +69,7 @@ class BalancingSettings:
     bias_update_stop_fraction: float | None = None
     bias_quantile_ema: float | None = None
     bias_update_momentum: float | None = None
+    bias_quantile_anneal_steps: int | None = None
     center: bool = False
     frozen: bool | None = None
     total_steps: int | None = None
@@ -84,6 +88,11 @@ class BalancingSettings:
             bias_type = value if name == "bias_type" else self.__dict__.get("bias_type")
             if rule is not None and bias_type is not None and not quantile_fits_bias_type(rule, bias_type):
                 raise ValueError(f"bias_update_rule must be {QUANTILE_NEEDS_ADDITIVE}, got {rule!r}.")
+        if name in ("bias_update_rule", "bias_quantile_anneal_steps"):
+            rule = value if name == "bias_update_rule" else self.__dict__.get("bias_update_rule")
+            anneal = value if name == "bias_quantile_anneal_steps" else self.__dict__.get("bias_quantile_anneal_steps")
+            if rule is not None and anneal is not None and not anneal_fits_rule(rule, anneal):
+                raise ValueError(f"bias_quantile_anneal_steps must be {ANNEAL_NEEDS_QUANTILE}, got {anneal!r}.")
         measured_only = self.__dict__.get("_measured_only")
         if measured_only and ((name == "frozen" and value is not True) or (name == "bias_update_rate" and value > 0)):
             raise ValueError(_measured_only_message(measured_only))
