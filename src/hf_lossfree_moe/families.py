@@ -8,9 +8,16 @@ the adapters below, registered when the package is imported, teach the balancer 
 - MiniMax-M2, Hunyuan-V3, the vision MoE of dots3-note: the MoE block holds the bias and hands it to its `gate` as
   an argument on every call.
 - Inkling: the router also scores the shared experts and returns their gate values as a fourth output.
+
+Most MoE families have no bias at all (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, gpt-oss, ...), yet their routers keep the
+same contract: a module with `top_k` and `num_experts` whose forward takes the hidden states and returns
+`(router_logits, router_scores, router_indices)`. `TOPK_ROUTER_ADAPTER` finds them, so the balancer measures their
+loads; `selection_bias.add_selection_bias` gives them a bias to balance on request.
 """
 
 import inspect
+import re
+from functools import cache
 from typing import Any
 
 import torch
@@ -85,8 +92,65 @@ SHARED_GATES_ADAPTER = RouterAdapter(
     name="shared_gates", locate=_locate_shared_gates_router, topk_indices=_routed_topk_indices
 )
 
-for _adapter in (STATICS_ADAPTER, BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER):
+# The last statement of a router forward that hands back its top-K choice: `return logits, weights, indices`.
+_THREE_OUTPUTS = re.compile(r"\n\s*return\s+\w+\s*,\s*[\w.()]+\s*,\s*\w+\s*$")
+
+
+@cache
+def returns_topk_choice(router_class: type) -> bool:
+    """Whether `router_class.forward` takes only the hidden states, selects with `topk` (or Phi-MoE's
+    `sparsemixer`) and ends by returning three values: the `(router_logits, router_scores, router_indices)` contract.
+
+    Read from the source once per class; a class whose source cannot be read is no such router.
+    """
+    if not isinstance(router_class, type) or not issubclass(router_class, nn.Module):
+        return False
+    try:
+        source = inspect.getsource(router_class.forward).rstrip()
+        parameters = list(inspect.signature(router_class.forward).parameters.values())[1:]
+    except (OSError, TypeError, ValueError):
+        return False
+    required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    selects = "topk" in source or "sparsemixer" in source
+    return len(required) == 1 and selects and _THREE_OUTPUTS.search(source) is not None
+
+
+def _locate_topk_router(module: nn.Module) -> RouterLocation | None:
+    """A router without a bias: integer `top_k` and `num_experts`, and a forward that returns its top-K choice."""
+    top_k, num_experts = getattr(module, "top_k", None), getattr(module, "num_experts", None)
+    if (
+        isinstance(top_k, int)
+        and isinstance(num_experts, int)
+        and 0 < top_k <= num_experts
+        and not holds_bias(module)
+        and returns_topk_choice(type(module))
+    ):
+        return RouterLocation(module, None, None, num_experts=num_experts)
+    return None
+
+
+def _topk_router_indices(router: nn.Module, output: Any) -> torch.Tensor:
+    """`(router_logits, router_scores, router_indices)` -> the (T, K) integer expert indices."""
+    indices = output[-1] if isinstance(output, tuple) and len(output) == 3 else None
+    if not (isinstance(indices, torch.Tensor) and indices.dim() == 2 and not indices.is_floating_point()):
+        raise ValueError(
+            f"{type(router).__name__} was read as a top-K router, but its forward did not return "
+            "(router_logits, router_scores, router_indices) with integer indices of shape (tokens, top_k). Register a "
+            "`RouterAdapter` for it with `register_router_adapter`."
+        )
+    return indices
+
+
+TOPK_ROUTER_ADAPTER = RouterAdapter(name="topk_router", locate=_locate_topk_router, topk_indices=_topk_router_indices)
+
+for _adapter in (STATICS_ADAPTER, BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER, TOPK_ROUTER_ADAPTER):
     register_router_adapter(_adapter)
 
 
-__all__ = ["BIAS_ARGUMENT_ADAPTER", "SHARED_GATES_ADAPTER", "STATICS_ADAPTER"]
+__all__ = [
+    "BIAS_ARGUMENT_ADAPTER",
+    "SHARED_GATES_ADAPTER",
+    "STATICS_ADAPTER",
+    "TOPK_ROUTER_ADAPTER",
+    "returns_topk_choice",
+]
