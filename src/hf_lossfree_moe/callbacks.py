@@ -15,7 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .balancing import LoadMeasurement, LossFreeBalancer, check_settings
-from .load_metrics import load_metrics, maxvio
+from .load_metrics import layer_spread_metrics, load_metrics, maxvio
 
 
 if TYPE_CHECKING:
@@ -30,10 +30,16 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     `batch_min_load_ratio` (averaged over the optimizer steps since the last log) and `bias_abs_max`,
     `bias_abs_mean`, `bias_update_factor` (at the last step). Evaluation metrics gain `{prefix}_maxvio_global`,
     `{prefix}_maxvio_global/layer_{i}`, `{prefix}_dead_expert_fraction`, `{prefix}_load_cv` and
-    `{prefix}_min_load_ratio` from the loads of the whole evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the decoder-layer index
+    `{prefix}_min_load_ratio`, and the spread over layers (`{prefix}_effective_expert_fraction` with its `/layer_{i}`
+    and `/min`, `{prefix}_maxvio_global/max` and `/p90`, see `layer_spread_metrics`) from the loads of the whole
+    evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the decoder-layer index
     (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in `.../skipped_layers`.
     Any forward of the model in eval mode between the last optimizer step and an evaluation's log counts toward that
     evaluation.
+
+    With `report=True` (the default) it also writes, at the end of training and again after each later evaluation,
+    the run's routing history, plots and a model-card section into `args.output_dir`, and sends the plots to
+    TensorBoard / W&B when the Trainer reports to them (see `balance_report.py` and docs/balancing.md#plots-and-the-card).
 
     Pass it the ordinary way, `Trainer(..., callbacks=[LossFreeBalancingCallback()])`: when the Trainer first calls
     it, it moves ahead of the `report_to` integrations, so they all receive its metrics. A model has one balancer:
@@ -47,6 +53,7 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
             quantile_ema, momentum: The `LossFreeBalancer` settings, checked here and passed on; unset ones come
             from the model's config (see `LossFreeBalancer`). The balancer's `total_steps` is the Trainer's
             `max_steps`, and its count of updates resumes from the Trainer's `global_step`.
+        report (`bool`, defaults to `True`): Write the routing history, plots and card section of the run.
 
     Example:
 
@@ -71,7 +78,12 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         stop_fraction: float | None = None,
         quantile_ema: float | None = None,
         momentum: float | None = None,
+        report: bool = True,
     ):
+        if not isinstance(report, bool):
+            raise ValueError(f"report must be True or False, got {report!r}.")
+        self.report = None
+        self._write_reports = report
         self.balancer_kwargs = dict(
             update_rate=update_rate,
             rule=rule,
@@ -140,6 +152,7 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self.balancer_state = None
         self._eval_measurement.reset()
         self._step_stats = []
+        self._start_report(args, state, control)
 
     def state(self) -> dict:
         """Saved by Trainer in each checkpoint's trainer_state.json: the balancer's state between steps (the SMEBU
@@ -171,6 +184,40 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         # Trainer.log appends a copy of the logs to log_history before calling on_log.
         if added and state.log_history and set(logs) - set(added) <= set(state.log_history[-1]):
             state.log_history[-1].update(added)
+        if self.report is not None:
+            self.report.recorder.on_log(args, state, control, logs=logs)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.report is not None:
+            self.report.recorder.on_train_end(args, state, control)
+            self.report.training_ended = True
+            self._write_report(args, state)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.report is not None:
+            self.report.recorder.on_evaluate(args, state, control)
+            if self.report.training_ended:
+                self._write_report(args, state)
+
+    def write_report(self, args: TrainingArguments, state: TrainerState) -> list:
+        """Write the routing history, plots and card section of the run so far into `args.output_dir` now (what the
+        callback does by itself at the end of training); returns the paths written."""
+        if self.report is None:
+            raise ValueError("No report to write: the callback was built with report=False or has not trained yet.")
+        return self._write_report(args, state)
+
+    def _start_report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl):
+        """A new routing history at each `train()` (imported here: plotting needs matplotlib, the package does not)."""
+        if not self._write_reports:
+            return
+        from .balance_report import BalanceReport
+
+        self.report = BalanceReport(self)
+        self.report.recorder.on_train_begin(args, state, control)
+
+    def _write_report(self, args: TrainingArguments, state: TrainerState) -> list:
+        handler = _calling_handler(self)
+        return self.report.write(args, state, [] if handler is None else handler.callbacks)
 
     def on_predict(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kwargs
@@ -209,6 +256,7 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         return {
             **maxvio(loads, self.balancer.layers).metrics(f"{prefix}_maxvio_global"),
             **load_metrics(loads, prefix),
+            **layer_spread_metrics(loads, prefix, f"{prefix}_maxvio_global", self.balancer.layers),
         }
 
     def _move_ahead_of_reporters(self, args: TrainingArguments):
