@@ -44,7 +44,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_lossfree_moe import LossFreeMoeConfig, add_balancing_callback, export_to_glm4_moe
+from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeConfig, add_balancing_callback, export_to_glm4_moe
 from hf_lossfree_moe.configuration_lossfree_moe import BiasType, BiasUpdateRule, LoadBalancing, ScoringFunc
 from hf_lossfree_moe.data import TextDataArguments, TextDatasets, tokenize_and_group, train_bpe_tokenizer
 from hf_lossfree_moe.export import check_glm4_moe_compatible
@@ -439,7 +439,7 @@ def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training
         processing_class=job.tokenizer,
         data_collator=default_data_collator,
     )
-    balancing = add_balancing_callback(trainer)
+    balancing = add_balancing_callback(trainer, LossFreeBalancingCallback(report=False))  # the recorder below reports
     recorder = RoutingHistoryRecorder(balancing, job.history)
     trainer.add_callback(recorder)
     trainer.add_callback(RunRecordCallback(job.record))

@@ -25,7 +25,14 @@ from datasets import DatasetDict
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, add_balancing_callback, maxvio
+from hf_lossfree_moe import (
+    LossFreeBalancer,
+    LossFreeBalancingCallback,
+    LossFreeMoeConfig,
+    LossFreeMoeForCausalLM,
+    add_balancing_callback,
+    maxvio,
+)
 from hf_lossfree_moe.data import TEXT_COLUMN, tokenize_and_group, train_bpe_tokenizer
 from hf_lossfree_moe.load_metrics import load_metrics
 
@@ -325,7 +332,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = Trainer(model=model, args=training_arguments(spec, output_dir), train_dataset=spec.blocks["train"])
         trainer.remove_callback(PrinterCallback)
-        balancer = add_balancing_callback(trainer).balancer
+        balancer = add_balancing_callback(trainer, LossFreeBalancingCallback(report=False)).balancer
         trainer.train()
     steps = [log for log in trainer.state.log_history if "maxvio_batch" in log]
     if len(steps) != spec.scale.max_steps:
