@@ -23,6 +23,7 @@ from .modeling_lossfree_moe import (
     sequence_balance_loss,
 )
 from .routers import RouterAdapter, RouterLocation, register_router_adapter
+from .selection_bias import add_selection_bias, with_selection_bias
 
 
 __version__ = "0.1.0"
@@ -43,9 +44,11 @@ __all__ = [
     "RouterAdapter",
     "RouterLocation",
     "add_balancing_callback",
+    "add_selection_bias",
     "export_to_glm4_moe",
     "maxvio",
     "register_router_adapter",
+    "with_selection_bias",
     "LossFreeMoeConfig",
     "LossFreeMoeExperts",
     "LossFreeMoeForCausalLM",
