@@ -88,6 +88,7 @@ TINY_FIELDS = dict(
     num_local_experts=8,
     num_experts_per_tok=2,
     num_experts_per_token=2,
+    top_k_experts=2,
     moe_topk=2,
     n_shared_experts=1,
     num_shared_experts=1,
@@ -149,6 +150,15 @@ FAMILY_FIXES = {
         }
     ),
     "hy_v4_vl": dict(rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]}),
+    # MoE blocks that are off by default, or left to the last layers of a full-size model
+    "gemma4": dict(enable_moe_block=True),
+    "diffusion_gemma": dict(enable_moe_block=True),
+    "flint": dict(mlp_only_layers=[]),
+    "lfm2_moe": dict(num_dense_layers=0, layer_types=["conv", "full_attention"]),
+    "deepseek_ocr2": dict(mlp_layer_types=["sparse", "sparse"]),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    # supports top-1 routing only
+    "zaya": dict(num_experts_per_tok=1),
     # builds a sliding-window mask on every forward, so it needs a window even when no layer slides
     "step3p7": dict(sliding_window=16),
 }
