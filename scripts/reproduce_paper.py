@@ -9,6 +9,7 @@ order, for several seeds; the results folder gets a Markdown table in the paper'
     python scripts/reproduce_paper.py --output_dir results                   # 3 methods x 3 seeds: ~35 min, 2 cores
     python scripts/reproduce_paper.py --ablations all --seeds 0 --output_dir results_ablations    # 12 methods
     python scripts/reproduce_paper.py --ablations rules --skip_main --output_dir results_rules    # update rules
+    python scripts/reproduce_paper.py --ablations expert_choice --seeds 0 --output_dir results_ec  # Expert Choice
     python scripts/reproduce_paper.py --device cuda --hidden_size 512 --max_steps 5000 --output_dir results_gpu
 """
 
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field, fields, make_dataclass, replace
 from transformers import HfArgumentParser
 
 from hf_lossfree_moe.data import TextDataArguments
-from hf_lossfree_moe_scripts.reproduce.methods import ABLATIONS, methods_of, select_comparisons
+from hf_lossfree_moe_scripts.reproduce.batch_report import leakage_setting
+from hf_lossfree_moe_scripts.reproduce.methods import ABLATIONS, is_expert_choice, methods_of, select_comparisons
 from hf_lossfree_moe_scripts.reproduce.report import describe_settings, write_outputs
 from hf_lossfree_moe_scripts.reproduce.runs import (
     DEFAULT_SCALE,
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None):
     execution = plan_execution(num_runs, replay_args.device, replay_args.workers, replay_args.bf16)
     settings = describe_settings(scale, blocks, vocab_size, data, seeds)
     settings["execution"] = f"{execution.describe()}; wall time covers training and evaluation"
+    if any(is_expert_choice(method) for method in methods_of(comparisons)):
+        settings["expert_choice_leakage_bound"] = leakage_setting(scale)
     results = replay(comparisons, seeds, scale, blocks, vocab_size, execution, replay_args.runs_dir)
     output_dir = write_outputs(replay_args.output_dir, comparisons, results, settings, scale, replay_args.quick)
     kind = "Pipeline check (--quick, not a result)" if replay_args.quick else "Results"

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, PrinterCallback, Trainer, set_seed
 
 from hf_lossfree_moe import LossFreeBalancingCallback, add_balancing_callback, add_selection_bias
-from hf_lossfree_moe.load_metrics import maxvio
+from hf_lossfree_moe.balance_metrics import compute_maxvio
 from hf_lossfree_moe_scripts.reproduce.runs import DEFAULT_SCALE, RunSpec, measure_held_out, training_arguments
 from hf_lossfree_moe_scripts.reproduce.runs import prepare_blocks as prepare_replay_blocks
 from hf_lossfree_moe_scripts.reproduce_paper import DataArguments
@@ -78,13 +78,13 @@ def run_arm(arm: str, blocks, vocab_size: int, args: StockReplayArguments) -> di
                       train_dataset=blocks["train"])
     trainer.remove_callback(PrinterCallback)
     update_rate = args.update_rate if arm == "loss_free" else 0.0
-    callback = add_balancing_callback(trainer, LossFreeBalancingCallback(update_rate=update_rate, report=False))
+    callback = add_balancing_callback(trainer, LossFreeBalancingCallback(bias_update_rate=update_rate, report=False))
     trainer.train()
     balancer = callback.balancer
     val_loss, loads = measure_held_out(model, balancer, torch.tensor(blocks["validation"]["input_ids"]), 64)
     steps = [log for log in trainer.state.log_history if "maxvio_batch" in log]
     tail = steps[-max(1, len(steps) // 20) :]
-    held_out = maxvio(loads, balancer.layers)
+    held_out = compute_maxvio(loads, balancer.layers)
     return {
         "arm": arm,
         "val_perplexity": math.exp(val_loss),

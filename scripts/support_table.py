@@ -63,7 +63,7 @@ def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 
 def verify(model: torch.nn.Module, measure_only: bool = False) -> str:
     """'verified' when counts (and, unless `measure_only`, the first update) are exact, else what went wrong."""
-    balancer = LossFreeBalancer(model, update_rate=0.0 if measure_only else UPDATE_RATE)
+    balancer = LossFreeBalancer(model, bias_update_rate=0.0 if measure_only else UPDATE_RATE)
     input_ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :3] = 0

@@ -27,7 +27,7 @@ def png_size(path) -> tuple[int, int]:
 
 
 def train_and_evaluate(model, output_dir, report_to, callback=None):
-    callback = callback or LossFreeBalancingCallback(update_rate=1e-2)
+    callback = callback or LossFreeBalancingCallback(bias_update_rate=1e-2)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=6,

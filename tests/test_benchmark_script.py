@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_lossfree_moe_scripts import benchmark as benchmark_script
+
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 # One intra-op thread: spinning threads stall on a shared machine, and the quick shape gains nothing from more.
@@ -33,11 +35,6 @@ RESULT_KEYS = {
         for suffix in ("", "_range")
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def benchmark_script(load_script):
-    return load_script("benchmark")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +68,7 @@ def test_quick_run_reports_every_contender(quick_run):
         assert result["train_step_peak_mb"] is None or result["train_step_peak_mb"] >= 0
 
 
-def test_without_output_json_only_the_table_is_printed(benchmark_script, quick_run, tmp_path, monkeypatch, capsys):
+def test_without_output_json_only_the_table_is_printed(quick_run, tmp_path, monkeypatch, capsys):
     report, _ = quick_run
     monkeypatch.setattr(benchmark_script, "run", lambda args: report)  # the timing itself is the quick run's
     monkeypatch.chdir(tmp_path)
@@ -111,7 +108,7 @@ def test_quick_run_balancing_section_and_table(quick_run):
     assert "balancer.step() on 64 experts x 27 layers" in stdout
 
 
-def test_balancing_work_times_the_hooks_around_the_balancers_and_nothing_before(benchmark_script):
+def test_balancing_work_times_the_hooks_around_the_balancers_and_nothing_before():
     """Two routers. A 20 ms sleep in each router's forward hooks, after the balancer's, falls inside the timed span:
     at least 40 ms per step. A 100 ms sleep in each router's forward pre-hook runs before any forward hook, outside
     it: were it counted, a step would show at least 200 ms."""
@@ -129,7 +126,7 @@ def test_balancing_work_times_the_hooks_around_the_balancers_and_nothing_before(
     assert len(contender.model._forward_pre_hooks) == 1 and len(contender.model._forward_hooks) == 1
 
 
-def test_ratios_are_medians_of_per_round_ratios(benchmark_script):
+def test_ratios_are_medians_of_per_round_ratios():
     """Three rounds. Round 2 ran while the machine was busy: every contender took about twice as long.
 
     ours / glm fast per round: 90/100, 180/200, 95/100 -> 0.90, 0.90, 0.95: median 0.90 (the ratio of the two
@@ -169,7 +166,7 @@ def test_ratios_are_medians_of_per_round_ratios(benchmark_script):
     assert results["glm fast"]["train_step_ms_vs_glm4_moe_best_range"] == pytest.approx([1.0, 1.0])
 
 
-def test_ratios_without_a_reference_are_none(benchmark_script):
+def test_ratios_without_a_reference_are_none():
     results = {
         "ours": {
             "family": "ours",
@@ -184,7 +181,7 @@ def test_ratios_without_a_reference_are_none(benchmark_script):
             assert results["ours"][f"{metric}_vs_{reference}_range"] is None
 
 
-def test_balancing_overhead_is_the_median_of_paired_rounds(benchmark_script):
+def test_balancing_overhead_is_the_median_of_paired_rounds():
     # A load spike in one round (2.0 vs 1.0) moves neither the pairing nor the median: rounds give +2%, +10%, +100%.
     assert benchmark_script.paired_overhead_pct([1.02, 2.2, 2.0], [1.0, 2.0, 1.0]) == pytest.approx(10.0)
 
@@ -201,6 +198,6 @@ def test_balancing_overhead_is_the_median_of_paired_rounds(benchmark_script):
         (["--threads", "0"], "threads must be >= 1"),
     ],
 )
-def test_bad_arguments_raise(benchmark_script, flags, message):
+def test_bad_arguments_raise(flags, message):
     with pytest.raises(ValueError, match=message):
         benchmark_script.main(flags)

@@ -71,7 +71,7 @@ def test_bpe_tokenizer_round_trips_any_text_and_has_distinct_eos_and_pad(tokeniz
 
 
 def test_bpe_tokenizer_rejects_a_vocabulary_without_room_for_merges():
-    with pytest.raises(ValueError, match="vocab_size must exceed 258"):
+    with pytest.raises(ValueError, match="`vocab_size` must exceed 258"):
         train_bpe_tokenizer(TEXTS, vocab_size=258, model_max_length=64)
 
 
@@ -88,7 +88,7 @@ def test_tokenize_and_group_rejects_a_block_longer_than_the_split(tokenizer):
     raw = load_text_datasets_from(TEXTS[:4], ["short"])
     tokens = len(tokenizer("short")["input_ids"]) + 1  # + eos
     with pytest.raises(
-        ValueError, match=rf"--block_size 16 is larger than the whole validation split \({tokens} tokens\)"
+        ValueError, match=rf"`block_size` 16 is larger than the whole validation split \({tokens} tokens\)"
     ):
         tokenize_and_group(raw, tokenizer, block_size=16)
 
@@ -110,7 +110,7 @@ def test_text_data_arguments_pass_every_flag_to_the_loader(tmp_path):
     loaded = arguments.load()
     assert loaded.splits["validation"]["content"] == [f"doc {i}" for i in range(4)]
     assert loaded.splits["train"]["content"] == [f"doc {i}" for i in range(4, 20)]
-    with pytest.raises(ValueError, match="either --dataset_name or --train_file"):
+    with pytest.raises(ValueError, match="either `dataset_name` or `train_file`"):
         TextDataArguments(dataset_name="x", train_file=str(path)).load()
 
 
@@ -126,21 +126,21 @@ def test_txt_files_are_read_as_paragraphs(tmp_path):
 def test_unknown_text_column_names_the_available_columns(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"content": f"doc {i}"}) + "\n" for i in range(40)))
-    with pytest.raises(ValueError, match=r"--text_column_name 'text' is not a column .* \['content'\]"):
+    with pytest.raises(ValueError, match=r"`text_column` 'text' is not a column .* \['content'\]"):
         load_text_datasets(train_file=str(path))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"train_file": "missing.csv"}, "--train_file: no such file: missing.csv"),
-        ({"train_file": __file__}, r"--train_file must end in one of \['csv', 'json', 'jsonl', 'txt'\]"),
-        ({"dataset_name": "x", "train_file": __file__}, "either --dataset_name or --train_file"),
-        ({"validation_file": __file__}, "--validation_file needs --train_file"),
-        ({"validation_split_percentage": 0}, r"--validation_split_percentage must be an integer in \[1, 99\]"),
+        ({"train_file": "missing.csv"}, "`train_file`: no such file: missing.csv"),
+        ({"train_file": __file__}, r"`train_file` must end in one of \['csv', 'json', 'jsonl', 'txt'\]"),
+        ({"dataset_name": "x", "train_file": __file__}, "either `dataset_name` or `train_file`"),
+        ({"validation_file": __file__}, "`validation_file` needs `train_file`"),
+        ({"validation_split_percentage": 0}, r"`validation_split_percentage` must be an integer in \[1, 99\]"),
     ],
 )
-def test_bad_data_arguments_raise_value_errors_naming_the_argument(kwargs, message):
+def test_bad_data_arguments_raise_value_errors_naming_the_parameter(kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_text_datasets(**kwargs)
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Glm4MoeForCausa
 from conftest import TINY
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, export_to_glm4_moe
 from hf_lossfree_moe.data import train_bpe_tokenizer
+from hf_lossfree_moe_scripts import export as export_script
 
 
 NEW_TOKENS = 6
@@ -294,11 +295,6 @@ def test_stock_glm4_moe_export_keeps_balancing_with_lossfree_balancer(exported):
     assert not torch.equal(balancer.biases(), start)
 
 
-@pytest.fixture(scope="module")
-def export_script(load_script):
-    return load_script("export")
-
-
 class RecordingHfApi:
     calls = []
 
@@ -309,7 +305,7 @@ class RecordingHfApi:
         self.calls.append(("upload_folder", kwargs["repo_id"], kwargs["folder_path"]))
 
 
-def test_script_exports_and_pushes_the_folder(export_script, tmp_path, tiny_config, monkeypatch, capsys):
+def test_script_exports_and_pushes_the_folder(tmp_path, tiny_config, monkeypatch, capsys):
     LossFreeMoeForCausalLM(tiny_config()).save_pretrained(tmp_path / "saved")
     monkeypatch.setattr(export_script, "HfApi", RecordingHfApi)
     monkeypatch.setattr(RecordingHfApi, "calls", [])
@@ -332,7 +328,7 @@ def test_script_exports_and_pushes_the_folder(export_script, tmp_path, tiny_conf
         ([], r"^error: Cannot export to glm4_moe: LossFreeMoeConfig.scoring_func must be 'sigmoid'"),
     ],
 )
-def test_script_errors_are_one_line_and_write_nothing(export_script, tmp_path, tiny_config, arguments, message):
+def test_script_errors_are_one_line_and_write_nothing(tmp_path, tiny_config, arguments, message):
     LossFreeMoeForCausalLM(tiny_config(scoring_func="softmax")).save_pretrained(tmp_path / "saved")
     with pytest.raises(SystemExit, match=message):
         export_script.main(["--model", str(tmp_path / "saved"), "--output_dir", str(tmp_path / "out"), *arguments])

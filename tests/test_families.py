@@ -8,7 +8,7 @@ import torch
 
 from hf_lossfree_moe import LossFreeBalancer
 from hf_lossfree_moe.families import BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER, STATICS_ADAPTER, TOPK_ROUTER_ADAPTER
-from hf_lossfree_moe.load_metrics import layer_spread_metrics, maxvio
+from hf_lossfree_moe.balance_metrics import compute_layer_spread_metrics, compute_maxvio
 from hf_lossfree_moe.routers import DEEPSEEK_V3_ADAPTER, find_routers
 from hf_lossfree_moe.testing_utils import build_tiny_model, correction_bias_families, tiny_model_class
 
@@ -89,7 +89,7 @@ def test_a_skewed_bias_is_balanced_in_place(family, config):
     # frozen=False: the weights are frozen to keep routing fixed, the biases must still move. u = 5e-3, not the
     # paper's 1e-3: the skew must unwind within the test's 16 steps, and the sign rule's oscillation (about u) stays
     # well below the spread of the tiny router's scores.
-    balancer = LossFreeBalancer(model, update_rate=5e-3, frozen=False)
+    balancer = LossFreeBalancer(model, bias_update_rate=5e-3, frozen=False)
     input_ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 
     picks = []
@@ -238,9 +238,9 @@ def test_a_family_without_a_bias_is_measured_exactly(family):
     assert torch.equal(loads, expected)
     assert loads.sum(dim=-1).tolist() == [TOP_K * int(attention_mask.sum())] * 2
     stats = balancer.step()
-    assert stats["maxvio_batch"] == pytest.approx(maxvio(expected, balancer.layers).mean)
+    assert stats["maxvio_batch"] == pytest.approx(compute_maxvio(expected, balancer.layers).mean)
     assert stats["batch_effective_expert_fraction"] == pytest.approx(
-        layer_spread_metrics(expected, "batch", "maxvio_batch")["batch_effective_expert_fraction"]
+        compute_layer_spread_metrics(expected, "batch", "maxvio_batch")["batch_effective_expert_fraction"]
     )
     assert stats["bias_updated"] == 0.0 and "bias_abs_max" not in stats
     assert balancer.biases().shape == (2, 0)

@@ -1,14 +1,20 @@
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
 from hf_lossfree_moe import LossFreeMoeForCausalLM
 from hf_lossfree_moe.model_card import (
+    DEFAULT_TEMPLATE,
+    GLM4_MOE_TEMPLATE,
     DataSource,
     count_active_parameters,
     final_metrics,
     human_count,
+    read_template,
     render_model_card,
     sample_prompt,
 )
@@ -83,6 +89,7 @@ def test_card_text_states_the_metrics_settings_and_usage(card):
     for plot in ("maxvio_batch.png", "eval_load_heatmap.png", "bias_trajectories.png"):
         assert f"]({plot})" in text
     assert 'AutoModelForCausalLM.from_pretrained("someone/lossfree-moe-tiny", trust_remote_code=True)' in text
+    assert "It was tested with `transformers>=5.24,<6` and refuses other versions" in text
     assert "`hf-lossfree-moe-train --model_name_or_path someone/lossfree-moe-tiny`" in text
     assert "- Data: the embedded corpus\n" in text
     assert "arXiv:2408.15664" in text
@@ -147,3 +154,17 @@ def test_active_parameters_leave_out_the_unselected_experts(tiny_config):
 @pytest.mark.parametrize(("number", "text"), [(999, "999"), (76_543, "76.5K"), (1_234_567, "1.23M"), (2e9, "2B")])
 def test_human_count(number, text):
     assert human_count(number) == text
+
+
+def test_templates_are_the_top_level_model_cards_folder():
+    """The library reads its card templates from the repository's model_cards/, mapped onto a package of the wheel."""
+    folder = Path(__file__).resolve().parents[1] / "model_cards"
+    for name in (DEFAULT_TEMPLATE, GLM4_MOE_TEMPLATE):
+        assert read_template(name) == (folder / name).read_text(encoding="utf-8")
+
+
+def test_rendering_a_card_needs_no_plotting():
+    """The card names the plot files; importing it must not import matplotlib and the plotting code."""
+    imported = "import sys, hf_lossfree_moe.model_card; print(sorted(sys.modules))"
+    modules = subprocess.check_output([sys.executable, "-c", imported], text=True)
+    assert "'matplotlib'" not in modules and "'hf_lossfree_moe.plotting'" not in modules

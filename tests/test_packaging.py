@@ -15,8 +15,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a wheel is built from; the checkout's own build/ and *.egg-info stay out of it.
-BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "src", "scripts")
-PACKAGE_FOLDERS = {"hf_lossfree_moe": ROOT / "src" / "hf_lossfree_moe", "hf_lossfree_moe_scripts": ROOT / "scripts"}
+BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "src", "model_cards", "scripts")
+# Each folder of the checkout and where the wheel puts it: model_cards/ and scripts/ are mapped onto packages.
+PACKAGE_FOLDERS = {
+    "hf_lossfree_moe": ROOT / "src" / "hf_lossfree_moe",
+    "hf_lossfree_moe/model_cards": ROOT / "model_cards",
+    "hf_lossfree_moe_scripts": ROOT / "scripts",
+}
 COMMANDS = {
     "hf-lossfree-moe-train": "hf_lossfree_moe_scripts.train:main",
     "hf-lossfree-moe-reproduce": "hf_lossfree_moe_scripts.reproduce_paper:main",
@@ -56,7 +61,7 @@ def test_build_lists_every_folder_it_ships_as_a_package(build):
 
 
 def package_files() -> set[str]:
-    """Every file of the two packages' folders, named as in the wheel."""
+    """Every file of the packages' folders, named as in the wheel."""
     return {
         f"{package}/{path.relative_to(folder).as_posix()}"
         for package, folder in PACKAGE_FOLDERS.items()
@@ -72,9 +77,10 @@ def test_wheel_holds_every_package_file_the_license_and_the_commands(wheel):
         entry_points = configparser.ConfigParser()
         entry_points.read_string(archive.read(f"{dist_info}/entry_points.txt").decode())
         metadata = archive.read(f"{dist_info}/METADATA").decode()
-    # Read at run time besides the modules: the card template, the evaluate metric folder, the typing marker.
+    # Read at run time besides the modules: the card templates, the evaluate metric folder, the typing marker.
     assert {
         "hf_lossfree_moe/model_cards/lossfree_moe.md",
+        "hf_lossfree_moe/model_cards/glm4_moe_export.md",
         "hf_lossfree_moe/metrics/maxvio/maxvio.py",
         "hf_lossfree_moe/metrics/maxvio/README.md",
         "hf_lossfree_moe/py.typed",

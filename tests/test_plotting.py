@@ -7,16 +7,14 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM, plotting
 from hf_lossfree_moe.plotting import (
-    BIAS_PLOT,
-    LOAD_HEATMAP_PLOT,
-    MAXVIO_PLOT,
-    ROUTING_HISTORY_FILE,
     RoutingHistory,
     RoutingHistoryRecorder,
     draw_run_plots,
     layer_labels,
     plot_maxvio_batch,
 )
+from hf_lossfree_moe.run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT, ROUTING_HISTORY_FILE
+from hf_lossfree_moe_scripts import plot as plot_script
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -142,7 +140,7 @@ def test_recorder_keeps_biases_per_training_log_and_the_eval_loads(tiny_config, 
     balancing.last_eval_loads = torch.tensor([[1, 2] * 4, [3, 4] * 4])
     recorder.on_evaluate(args, state, control)
     (tmp_path / "checkpoint-10").mkdir()
-    recorder.on_save(args, state, control)
+    balancing.write_checkpoint_files(tmp_path / "checkpoint-10", state.global_step)
 
     history = RoutingHistory.load(tmp_path / "checkpoint-10" / ROUTING_HISTORY_FILE)
     assert history.router_names == ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]
@@ -151,9 +149,7 @@ def test_recorder_keeps_biases_per_training_log_and_the_eval_loads(tiny_config, 
     assert history.eval_loads == [[1, 2] * 4, [3, 4] * 4]
 
 
-def test_plot_script_redraws_a_run_and_explains_a_wrong_folder(finished_run, tmp_path, capsys, load_script):
-    plot_script = load_script("plot")
-
+def test_plot_script_redraws_a_run_and_explains_a_wrong_folder(finished_run, tmp_path, capsys):
     plot_script.main([str(finished_run)])
     printed = capsys.readouterr().out.split()
     assert sorted(printed) == sorted(str(finished_run / name) for name in (MAXVIO_PLOT, LOAD_HEATMAP_PLOT, BIAS_PLOT))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_lossfree_moe import LossFreeBalancer, maxvio
+from hf_lossfree_moe import LossFreeBalancer, compute_maxvio
+from hf_lossfree_moe_scripts import reproduce_paper
 from hf_lossfree_moe_scripts.reproduce.methods import (
     ABLATIONS,
     MAIN_COMPARISON,
@@ -209,7 +210,7 @@ def test_maxvio_global_counts_every_validation_token_apart_from_training(tiny_co
     expected[:, :2] = 112
     assert torch.equal(loads, expected)
     assert balancer.loads.sum() == 0  # training loads untouched: the next step() sees none of these tokens
-    assert list(maxvio(loads).per_layer.values()) == [3.0, 3.0]
+    assert list(compute_maxvio(loads).per_layer.values()) == [3.0, 3.0]
 
 
 def test_validation_loss_leaves_out_the_balance_loss():
@@ -240,7 +241,7 @@ def test_ablation_selection():
     comparisons = select_comparisons(["all"])
     assert [c.name for c in comparisons] == ["main", *ABLATIONS]
     names = [method.name for method in methods_of(comparisons)]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 15
     assert [c.name for c in select_comparisons(["rule", "rule"])] == ["main", "rule"]
     assert [c.name for c in select_comparisons(["softmax,rule"])] == ["main", "softmax", "rule"]
     assert [c.name for c in select_comparisons([])] == ["main"]
@@ -304,18 +305,20 @@ def check_outputs(output_dir: Path, steps: int, comparisons: list[str]):
     assert report.splitlines()[2].startswith("**A pipeline check, not a result.**")
     assert results["pipeline_check"] is True
     pngs = [f"maxvio_batch_{name}.png" for name in comparisons] + [f"expert_loads_{m.name}.png" for m in methods]
+    pngs.append("maxvio_by_batch_size.png")
+    assert "## MaxVio over computation batches of growing size (RQ3)" in report
     for png in pngs:
         assert (output_dir / png).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path, one_thread, load_script):
+def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path, one_thread):
     rng = random.Random(0)
     words = "router expert token bias load balance layer score gate update sign mean step".split()
     paragraphs = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)]
     train_file = tmp_path / "corpus.txt"
     train_file.write_text("\n\n".join(paragraphs))
     output_dir = tmp_path / "results"
-    load_script("reproduce_paper").main(
+    reproduce_paper.main(
         [
             "--quick",
             "--train_file",
@@ -339,8 +342,8 @@ def test_cut_down_replay_of_every_ablation_writes_tables_json_and_plots(tmp_path
     check_outputs(output_dir, steps=4, comparisons=["main", *ABLATIONS])
 
 
-def test_quick_replay_end_to_end(tmp_path, load_script):
+def test_quick_replay_end_to_end(tmp_path):
     """The documented smoke test, on the embedded corpus, with the default worker processes (about 40 s on 2 busy
     cores)."""
-    load_script("reproduce_paper").main(["--quick", "--output_dir", str(tmp_path)])
+    reproduce_paper.main(["--quick", "--output_dir", str(tmp_path)])
     check_outputs(tmp_path, steps=40, comparisons=["main"])

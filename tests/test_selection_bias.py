@@ -122,7 +122,7 @@ def test_the_opt_in_bias_balances_a_skewed_router(family):
     torch.manual_seed(0)
     model = add_selection_bias(build_tiny_model(family).requires_grad_(False))
     ids = input_ids()
-    balancer = LossFreeBalancer(model, update_rate=UPDATE_RATES[family], frozen=False)
+    balancer = LossFreeBalancer(model, bias_update_rate=UPDATE_RATES[family], frozen=False)
     skew_routers(model, balancer, ids)
     history = []
     for _ in range(20):

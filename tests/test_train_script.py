@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_lossfree_moe import LossFreeMoeConfig
+from hf_lossfree_moe.checkpoints import FAULT_VARIABLE
 from hf_lossfree_moe.data import embedded_datasets
+from hf_lossfree_moe_scripts import train as train_script
 from hf_lossfree_moe_scripts.run_record import RunRecord
 
 
@@ -41,6 +45,8 @@ FAST_TRAINING = [
     "--save_steps", "2",
 ]  # fmt: skip
 FAST_RUN = ["--config_overrides", json.dumps(TINY_OVERRIDES), *FAST_TRAINING]
+# Three checkpoints and no evaluation: a run to kill while it writes the second checkpoint.
+KILLABLE_RUN = [*FAST_RUN, "--max_steps", "6", "--do_eval", "false"]
 # One intra-op thread: tiny matrices gain nothing from more, and spinning threads stall on a shared machine.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -60,11 +66,6 @@ print(output.shape[1] - inputs["input_ids"].shape[1], repr(tokenizer.decode(outp
 
 
 @pytest.fixture(scope="module")
-def train_script(load_script):
-    return load_script("train")
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The script, run as a user runs it, for 4 steps on the embedded corpus, exporting a glm4_moe copy at the end."""
     output_dir = tmp_path_factory.mktemp("run") / "model"
@@ -74,6 +75,19 @@ def trained(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pin_memory" not in result.stderr  # no pinned memory asked for on a machine without an accelerator
     return output_dir, result.stdout
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run that `test_a_run_killed_while_checkpointing_resumes_to_the_uninterrupted_run` kills, left alone."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed subprocess
+    try:
+        train_script.main(["--output_dir", str(output_dir), *KILLABLE_RUN])
+    finally:
+        torch.set_num_threads(threads)
+    return output_dir
 
 
 def test_fast_run_leaves_a_complete_model_folder(trained):
@@ -192,7 +206,7 @@ def small_jsonl(tmp_path):
 
 
 def test_resume_restores_the_run_and_switches_data_only_when_asked(
-    trained, train_script, tmp_path, small_jsonl, monkeypatch, one_thread
+    trained, tmp_path, small_jsonl, monkeypatch, one_thread
 ):
     output_dir, _ = trained
     run = tmp_path / "run"
@@ -233,7 +247,7 @@ def test_resume_restores_the_run_and_switches_data_only_when_asked(
     assert "- 8 optimizer steps" in card
 
 
-def test_checkpoint_without_a_record_needs_its_data_named(trained, train_script, tmp_path, one_thread):
+def test_checkpoint_without_a_record_needs_its_data_named(trained, tmp_path, one_thread):
     """A checkpoint of a plain Trainer or an older version: no run_record.json, so neither data nor sizes are known."""
     output_dir, _ = trained
     run = tmp_path / "run"
@@ -252,7 +266,7 @@ def test_checkpoint_without_a_record_needs_its_data_named(trained, train_script,
     assert "  - steps 5-6 (2 steps): the embedded corpus `python-docs`" in card
 
 
-def test_resuming_a_finished_model_points_to_model_name_or_path(trained, train_script):
+def test_resuming_a_finished_model_points_to_model_name_or_path(trained):
     output_dir, _ = trained
     before = sorted(os.listdir(output_dir))
     with pytest.raises(
@@ -281,7 +295,7 @@ def test_a_changed_data_file_opens_a_new_stretch_when_asked_for(tmp_path):
     assert resumed.data_sources[1].files["train_file"]["size"] == len("second version")
 
 
-def test_model_name_or_path_continues_training_with_new_balancing_flags(trained, train_script, tmp_path, one_thread):
+def test_model_name_or_path_continues_training_with_new_balancing_flags(trained, tmp_path, one_thread):
     output_dir, _ = trained
     continued = tmp_path / "continued"
     train_script.main(
@@ -328,7 +342,7 @@ def small_csv(tmp_path):
         (["--resume_with_new_data"], "--resume_with_new_data only applies with --resume_from_checkpoint"),
     ],
 )
-def test_bad_arguments_stop_before_training(train_script, tmp_path, arguments, message):
+def test_bad_arguments_stop_before_training(tmp_path, arguments, message):
     output_dir = tmp_path / "out"
     with pytest.raises(SystemExit, match=message) as stopped:
         train_script.main(["--output_dir", str(output_dir), *arguments])
@@ -348,7 +362,7 @@ def test_bad_arguments_stop_before_training(train_script, tmp_path, arguments, m
     ],
     ids=["empty", "ten"],
 )
-def test_too_little_data_stops_with_the_fix(train_script, tmp_path, documents, message):
+def test_too_little_data_stops_with_the_fix(tmp_path, documents, message):
     path = tmp_path / ("empty.jsonl" if not documents else "ten.jsonl")
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
     with pytest.raises(SystemExit, match=message) as stopped:
@@ -357,14 +371,14 @@ def test_too_little_data_stops_with_the_fix(train_script, tmp_path, documents, m
     assert not (tmp_path / "out").exists()
 
 
-def test_invalid_choice_is_refused_with_the_allowed_values(train_script, capsys):
+def test_invalid_choice_is_refused_with_the_allowed_values(capsys):
     with pytest.raises(SystemExit) as stopped:
         train_script.main(["--bias_update_rule", "cosine"])
     assert stopped.value.code == 2
     assert "error: argument --bias_update_rule/--bias-update-rule: invalid choice: 'cosine'" in capsys.readouterr().err
 
 
-def test_help_describes_the_script_and_lists_allowed_values(train_script, capsys):
+def test_help_describes_the_script_and_lists_allowed_values(capsys):
     with pytest.raises(SystemExit) as stopped:
         train_script.main(["--help"])
     assert stopped.value.code == 0
@@ -379,13 +393,13 @@ def test_help_describes_the_script_and_lists_allowed_values(train_script, capsys
         assert f"--{flag} {choices}" in help_text
 
 
-def test_unknown_text_column_stops_before_training(train_script, tmp_path, small_csv):
+def test_unknown_text_column_stops_before_training(tmp_path, small_csv):
     with pytest.raises(SystemExit, match=r"--text_column_name 'text' is not a column .* \['content'\]"):
         train_script.main(["--train_file", str(small_csv), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
-def test_output_dir_with_a_different_model_needs_overwrite(train_script, tmp_path, small_csv):
+def test_output_dir_with_a_different_model_needs_overwrite(tmp_path, small_csv):
     output_dir = tmp_path / "out"
     # The ids the run gives its tokenizer's special tokens: <|endoftext|> (0) ends documents, <|padding|> (1) pads.
     saved = LossFreeMoeConfig(
@@ -399,7 +413,7 @@ def test_output_dir_with_a_different_model_needs_overwrite(train_script, tmp_pat
     assert sorted(os.listdir(output_dir)) == before
 
 
-def test_output_dir_without_a_model_needs_overwrite(train_script, tmp_path):
+def test_output_dir_without_a_model_needs_overwrite(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     config = LossFreeMoeConfig(**train_script.TINY_CONFIG)
     with pytest.raises(ValueError, match="is not empty and holds no model; pass --overwrite_output_dir"):
@@ -407,7 +421,7 @@ def test_output_dir_without_a_model_needs_overwrite(train_script, tmp_path):
     train_script.check_output_dir(str(tmp_path), config, overwrite=True)
 
 
-def test_argument_file_is_read_as_a_config_file(train_script, tmp_path):
+def test_argument_file_is_read_as_a_config_file(tmp_path):
     arguments = {"output_dir": str(tmp_path / "out"), "bias_update_rate": 0.01, "block_size": 128, "max_steps": 7}
     (tmp_path / "args.json").write_text(json.dumps(arguments))
     model_args, data_args, training_args, _ = train_script.parse_arguments([str(tmp_path / "args.json")])
@@ -415,9 +429,7 @@ def test_argument_file_is_read_as_a_config_file(train_script, tmp_path):
     assert train_script.build_config(model_args).bias_update_rate == 0.01
 
 
-def test_output_dir_with_the_same_model_is_reused_and_a_stopped_run_is_judged_by_its_checkpoint(
-    train_script, tmp_path
-):
+def test_output_dir_with_the_same_model_is_reused_and_a_stopped_run_is_judged_by_its_checkpoint(tmp_path):
     config = LossFreeMoeConfig(**train_script.TINY_CONFIG)
     config.save_pretrained(tmp_path / "finished")
     train_script.check_output_dir(str(tmp_path / "finished"), config, overwrite=False)  # rerunning the same job
@@ -433,7 +445,56 @@ def test_output_dir_with_the_same_model_is_reused_and_a_stopped_run_is_judged_by
     ("content", "message"),
     [("{not json", r"args.json is not valid JSON"), ('{"n_experts": 4}', r"keys are not used .*n_experts")],
 )
-def test_bad_argument_file_stops_before_training(train_script, tmp_path, content, message):
+def test_bad_argument_file_stops_before_training(tmp_path, content, message):
     (tmp_path / "args.json").write_text(content)
     with pytest.raises(SystemExit, match=message):
         train_script.main([str(tmp_path / "args.json")])
+
+
+def routing_outcome(run: Path) -> tuple[list[int], list, dict[str, torch.Tensor]]:
+    """The steps and biases of a finished run's routing history, and its final biases."""
+    history = json.loads((run / "routing_history.json").read_text())
+    weights = load_file(run / "model.safetensors")
+    biases = {name: tensor for name, tensor in weights.items() if name.endswith("e_score_correction_bias")}
+    return history["steps"], history["biases"], biases
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        pytest.param("before_balancer_files", marks=pytest.mark.slow),
+        pytest.param("after_routing_history", marks=pytest.mark.slow),
+        "after_run_record",
+        pytest.param("after_trainer_state", marks=pytest.mark.slow),
+    ],
+)
+def test_a_run_killed_while_checkpointing_resumes_to_the_uninterrupted_run(stage, uninterrupted, tmp_path, one_thread):
+    """Killed at each stage of writing checkpoint-4 (save_total_limit=1): the newest complete checkpoint survives, an
+    incomplete one is refused by name, and resuming ends with the uninterrupted run's biases and routing history."""
+    run = tmp_path / "run"
+    command = [sys.executable, str(SCRIPT), "--output_dir", str(run), *KILLABLE_RUN]
+    environment = {**SUBPROCESS_ENV, FAULT_VARIABLE: f"{stage}@4"}
+    killed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+
+    if stage == "after_trainer_state":  # checkpoint-4 was complete before checkpoint-2 was deleted
+        assert sorted(os.listdir(run)) == ["checkpoint-4"]
+        resume_from = run / "checkpoint-4"
+    else:
+        assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-4"]
+        with pytest.raises(
+            SystemExit,
+            match=r"checkpoint-4 is incomplete: it lacks trainer_state.json \(its writing was cut off\); the newest "
+            r"complete one is checkpoint-2\.",
+        ):
+            train_script.main(["--resume_from_checkpoint", str(run / "checkpoint-4")])
+        resume_from = run / "checkpoint-2"
+    train_script.main(["--resume_from_checkpoint", str(resume_from)])
+
+    steps, history, biases = routing_outcome(run)
+    expected_steps, expected_history, expected_biases = routing_outcome(uninterrupted)
+    assert steps == expected_steps == [0, 2, 4, 6]
+    assert history == expected_history
+    assert biases.keys() == expected_biases.keys() and len(biases) == 2
+    for name, bias in expected_biases.items():
+        assert torch.equal(biases[name], bias), name

@@ -88,6 +88,36 @@ METHODS = {
 }
 
 
+# Expert Choice routing (Zhou et al., 2022), the paper's non-causal baseline (RQ4): each expert picks its top tokens of a
+# routing chunk of one sequence or the whole batch (16 sequences), with or without shuffling the batch's tokens first.
+EXPERT_CHOICE_METHODS = {
+    method.name: method
+    for method in (
+        Method(
+            "expert_choice_batch",
+            "Expert Choice, chunk = the batch",
+            {"load_balancing": "expert_choice"},
+        ),
+        Method(
+            "expert_choice_sequence",
+            "Expert Choice, chunk = 1 sequence",
+            {"load_balancing": "expert_choice", "expert_choice_chunk_size": 1},
+        ),
+        Method(
+            "expert_choice_sequence_shuffled",
+            "Expert Choice, chunk = 1 sequence's worth of shuffled tokens",
+            {"load_balancing": "expert_choice", "expert_choice_chunk_size": 1, "expert_choice_shuffle": True},
+        ),
+    )
+}
+METHODS.update(EXPERT_CHOICE_METHODS)
+
+
+def is_expert_choice(method: Method) -> bool:
+    """Whether the method routes by Expert Choice: no balancer watches it, its loads come from its routers."""
+    return method.config.get("load_balancing") == "expert_choice"
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Methods shown in one table and one MaxVio_batch plot; `name` is how `--ablations` selects it."""
@@ -110,6 +140,11 @@ ABLATIONS = {
         Comparison("rules", "Post-paper update rules", ("loss_free", "loss_free_quantile", "loss_free_smebu")),
     )
 }
+ABLATIONS["expert_choice"] = Comparison(
+    "expert_choice",
+    "Expert Choice and future-token leakage (RQ4)",
+    ("loss_free", *EXPERT_CHOICE_METHODS),
+)
 
 
 def select_comparisons(ablations: Sequence[str], include_main: bool = True) -> list[Comparison]:

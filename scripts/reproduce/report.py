@@ -14,6 +14,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from hf_lossfree_moe.model_card import count_active_parameters
 from hf_lossfree_moe.plotting import plot_eval_load_heatmap
 
+from .batch_report import computation_batch_section, plot_maxvio_by_batch_size, token_choice_methods
 from .methods import METHODS, Comparison, methods_of
 from .runs import (
     BALANCED_MAXVIO_BATCH,
@@ -232,6 +233,9 @@ def write_outputs(
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
     report = markdown_report(comparisons, summary, settings, pipeline_check)
+    if token_choice_methods(results):
+        report += "\n" + computation_batch_section(results, scale.block_size) + "\n"
+        plot_maxvio_by_batch_size(results, output_dir / "maxvio_by_batch_size.png")
     (output_dir / "results.md").write_text(report, encoding="utf-8")
     write_json(output_dir / "results.json", settings, scale, results, summary, pipeline_check)
     for comparison in comparisons:

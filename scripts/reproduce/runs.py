@@ -31,12 +31,13 @@ from hf_lossfree_moe import (
     LossFreeMoeConfig,
     LossFreeMoeForCausalLM,
     add_balancing_callback,
-    maxvio,
+    compute_maxvio,
 )
+from hf_lossfree_moe.balance_metrics import compute_load_metrics
 from hf_lossfree_moe.data import TEXT_COLUMN, tokenize_and_group, train_bpe_tokenizer
-from hf_lossfree_moe.load_metrics import load_metrics
 
-from .methods import Comparison, Method, methods_of
+from .loads import StepLoadsCallback, computation_batch_sizes, evaluate_by_sequence, maxvio_by_batch_size
+from .methods import Comparison, Method, is_expert_choice, methods_of
 
 
 # MaxVio_batch "at the end of training" averages the last 5% of the steps: one step alone is mostly sampling noise.
@@ -205,7 +206,10 @@ class RunResult:
     `maxvio_global_train` is MaxVio_global over as many training blocks as there are validation blocks, spread evenly
     over the training split and measured the same way after training: set against `maxvio_global`, it tells how much
     of the imbalance on held-out text comes from those documents routing differently from the ones the biases were
-    tuned on. `val_load_metrics` are `load_metrics` of the validation loads (dead experts, CV, min / mean load)."""
+    tuned on. `val_load_metrics` are `load_metrics` of the validation loads (dead experts, CV, min / mean load).
+
+    `maxvio_by_batch_size` maps a computation-batch size (validation sequences) to the MaxVio of such batches,
+    averaged over them (the paper's expert-parallelism question; see loads.py)."""
 
     method: str
     seed: int
@@ -224,6 +228,7 @@ class RunResult:
     final_biases: list[list[float]]
     wall_time_s: float
     val_load_metrics: dict[str, float] = field(default_factory=dict)
+    maxvio_by_batch_size: dict[int, float] = field(default_factory=dict)
 
     @property
     def peak_maxvio_batch_after_collapse(self) -> float:
@@ -327,6 +332,8 @@ def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
 
 def train_and_evaluate(spec: RunSpec) -> RunResult:
     """Train one method with one seed, then evaluate it on the validation blocks."""
+    if is_expert_choice(spec.method):
+        return _train_and_evaluate_expert_choice(spec)
     start = time.perf_counter()
     model = build_model(spec.method, spec.scale, spec.vocab_size, spec.seed)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -340,10 +347,11 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     maxvio_batch = [log["maxvio_batch"] for log in steps]
     val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
     val_loss, loads = measure_held_out(model, balancer, val_blocks, spec.scale.eval_batch_size)
-    held_out = maxvio(loads, balancer.layers)
+    held_out = compute_maxvio(loads, balancer.layers)
     train_blocks = spec.blocks["train"]
     seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
     _, seen_loads = measure_held_out(model, balancer, seen_blocks, spec.scale.eval_batch_size)
+    _, sequence_loads = evaluate_by_sequence(model, val_blocks, spec.scale.eval_batch_size)
     result = RunResult(
         method=spec.method.name,
         seed=spec.seed,
@@ -351,7 +359,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         val_perplexity=math.exp(val_loss),
         maxvio_global=held_out.mean,
         maxvio_global_per_layer=held_out.per_layer,
-        maxvio_global_train=maxvio(seen_loads, balancer.layers).mean,
+        maxvio_global_train=compute_maxvio(seen_loads, balancer.layers).mean,
         final_maxvio_batch=final_mean(maxvio_batch),
         maxvio_batch=maxvio_batch,
         bias_abs_max=[log["bias_abs_max"] for log in steps],
@@ -361,10 +369,65 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         router_names=list(balancer.names),
         final_biases=balancer.biases().tolist(),
         wall_time_s=time.perf_counter() - start,
-        val_load_metrics=load_metrics(loads, "val"),
+        val_load_metrics=compute_load_metrics(loads, "val"),
+        maxvio_by_batch_size=maxvio_by_batch_size(
+            sequence_loads, balancer.layers, computation_batch_sizes(len(val_blocks)), spec.seed
+        ),
     )
     balancer.remove()
     return result
+
+
+def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
+    """An Expert Choice run: no balancer (it has no bias); loads are read from the routers' own picks.
+
+    Validation batches hold `batch_size` sequences, as in training, so that routing chunks are cut the same way.
+    """
+    start = time.perf_counter()
+    model = build_model(spec.method, spec.scale, spec.vocab_size, spec.seed)
+    step_loads = StepLoadsCallback(model)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = Trainer(model=model, args=training_arguments(spec, output_dir), train_dataset=spec.blocks["train"])
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(step_loads)
+        trainer.train()
+    step_loads.remove()
+    if len(step_loads.maxvio_batch) != spec.scale.max_steps:
+        raise RuntimeError(
+            f"Expected MaxVio_batch at each of {spec.scale.max_steps} steps, got {len(step_loads.maxvio_batch)}."
+        )
+    layers = step_loads.counter.layers
+    batch_size = spec.scale.batch_size
+    val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
+    val_loss, sequence_loads = evaluate_by_sequence(model, val_blocks, batch_size)
+    loads = sequence_loads.sum(dim=0)  # (L, E)
+    held_out = compute_maxvio(loads, layers)
+    train_blocks = spec.blocks["train"]
+    seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
+    _, seen_loads = evaluate_by_sequence(model, seen_blocks, batch_size)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return RunResult(
+        method=spec.method.name,
+        seed=spec.seed,
+        val_loss=val_loss,
+        val_perplexity=math.exp(val_loss),
+        maxvio_global=held_out.mean,
+        maxvio_global_per_layer=held_out.per_layer,
+        maxvio_global_train=compute_maxvio(seen_loads.sum(dim=0), layers).mean,
+        final_maxvio_batch=final_mean(step_loads.maxvio_batch),
+        maxvio_batch=step_loads.maxvio_batch,
+        bias_abs_max=[0.0] * len(step_loads.maxvio_batch),
+        train_loss=losses,
+        val_loads=loads.tolist(),
+        layers=layers,
+        router_names=[f"model.layers.{layer}.mlp.gate" for layer in layers],
+        final_biases=[[0.0] * spec.scale.n_routed_experts for _ in layers],
+        wall_time_s=time.perf_counter() - start,
+        val_load_metrics=compute_load_metrics(loads, "val"),
+        maxvio_by_batch_size=maxvio_by_batch_size(
+            sequence_loads, layers, computation_batch_sizes(len(val_blocks)), spec.seed
+        ),
+    )
 
 
 def run_all(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:
@@ -387,6 +450,9 @@ def _load_result(path: Path) -> RunResult:
     # JSON object keys are strings; the per-layer MaxVio is keyed by decoder-layer number.
     fields["maxvio_global_per_layer"] = {
         int(layer): value for layer, value in fields["maxvio_global_per_layer"].items()
+    }
+    fields["maxvio_by_batch_size"] = {
+        int(size): value for size, value in fields.get("maxvio_by_batch_size", {}).items()
     }
     return RunResult(**fields)
 

@@ -15,12 +15,36 @@
 
 Field names follow transformers' MoE models (DeepSeek-V3, GLM-4.5) so tools and users recognise them. Defaults are
 the paper's (Wang et al., arXiv 2408.15664): sigmoid gate, un-normalised gate values, sign rule with u = 1e-3.
-This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`.
+This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`; it
+first checks the installed transformers version, since the shipped model code builds on transformers internals.
 """
 
 import math
 from functools import wraps
 from typing import Literal, get_args
+
+import transformers
+from packaging.specifiers import SpecifierSet
+
+
+# The transformers versions this code is tested with; pyproject.toml requires the same. The model code builds on
+# transformers internals (`create_causal_mask`, `capture_outputs`, `merge_with_config_defaults`, the experts
+# interface) that change between releases: under 5.23 a model loads, then fails at its first forward
+# (`create_causal_mask` takes no `cache` there). Saved configs and model cards state the range.
+TRANSFORMERS_REQUIREMENT = ">=5.24,<6"
+
+
+def check_transformers_version() -> None:
+    """Raise `ImportError` naming the installed and the required transformers versions when they do not match."""
+    installed = transformers.__version__
+    if not SpecifierSet(TRANSFORMERS_REQUIREMENT).contains(installed, prereleases=True):
+        raise ImportError(
+            f"LossFreeMoe needs transformers{TRANSFORMERS_REQUIREMENT}, but transformers {installed} is installed; "
+            f'install a supported version with `pip install "transformers{TRANSFORMERS_REQUIREMENT}"`.'
+        )
+
+
+check_transformers_version()  # before the imports below, which an unsupported version may already fail
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
@@ -30,7 +54,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 
 ScoringFunc = Literal["sigmoid", "softmax"]
-LoadBalancing = Literal["loss_free", "aux_loss", "none"]
+LoadBalancing = Literal["loss_free", "aux_loss", "none", "expert_choice"]
 BiasUpdateRule = Literal["sign", "error", "quantile", "smebu"]
 BiasUpdateSchedule = Literal["constant", "linear_warmup", "cosine"]
 BiasType = Literal["additive", "multiplicative"]
@@ -80,7 +104,9 @@ class LossFreeMoeConfig(PreTrainedConfig):
         scoring_func (`str`, defaults to `"sigmoid"`): `"sigmoid"` (the paper's main setting) or `"softmax"`
             (its ablation).
         load_balancing (`str`, defaults to `"loss_free"`): `"loss_free"` (biased top-K, bias updated by
-            `LossFreeBalancer`), `"aux_loss"` (the paper's loss-controlled baseline) or `"none"`.
+            `LossFreeBalancer`), `"aux_loss"` (the paper's loss-controlled baseline), `"none"`, or
+            `"expert_choice"` (Zhou et al., 2022: each expert picks its tokens; a non-causal research baseline that
+            must not generate text, see `expert_capacity_factor`).
         bias_update_rate (`float`, defaults to 1e-3): The update rate u of Algorithm 1 (the paper and DeepSeek-V3:
             1e-3); 0 keeps the bias fixed.
         bias_update_rule (`str`, defaults to `"sign"`): `"sign"`: `b += u * sign(mean - c)` (Algorithm 1);
@@ -103,6 +129,13 @@ class LossFreeMoeConfig(PreTrainedConfig):
             the paper's value for a sigmoid gate (3e-4 for softmax). With `"loss_free"` it defaults to 0; a value > 0
             adds DeepSeek-V3's complementary sequence-wise loss (DeepSeek-V3: 1e-4). Must be 0 with `"none"`.
         output_router_logits (`bool`, defaults to `False`): Return every MoE layer's router logits.
+        expert_capacity_factor (`float`, defaults to 1.0): With `"expert_choice"`, each expert picks
+            `ceil(factor * n * K / E)` of the n real tokens of a routing chunk; 1 gives the experts the work of top-K
+            token choice (Zhou et al.'s compute-matched setting). In (0, n_routed_experts / num_experts_per_tok].
+        expert_choice_chunk_size (`int`, *optional*): With `"expert_choice"`, sequences per routing chunk; None
+            routes the whole batch as one chunk. The fewer sequences, the more a chunk tells about each one's future.
+        expert_choice_shuffle (`bool`, defaults to `False`): With `"expert_choice"`, permute the batch's tokens
+            before cutting the chunks, so that a chunk mixes many sequences (the paper's test of the leak).
         pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): Special token ids.
 
     Example:
@@ -185,6 +218,10 @@ class LossFreeMoeConfig(PreTrainedConfig):
     bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
+    # Expert Choice routing (load_balancing="expert_choice"), the paper's non-causal baseline.
+    expert_capacity_factor: float | int = 1.0
+    expert_choice_chunk_size: int | None = None
+    expert_choice_shuffle: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -203,6 +240,10 @@ class LossFreeMoeConfig(PreTrainedConfig):
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = PAPER_AUX_LOSS_COEF if self.load_balancing == "aux_loss" else 0.0
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The config as saved, stating the transformers versions its model code needs (`transformers_requirement`)."""
+        return {**super().to_dict(), "transformers_requirement": TRANSFORMERS_REQUIREMENT}
 
     @property
     def num_moe_layers(self) -> int:
@@ -281,11 +322,6 @@ class LossFreeMoeConfig(PreTrainedConfig):
 
     def validate_load_balancing(self):
         self._require(
-            _finite(self.bias_update_rate) and self.bias_update_rate >= 0,
-            "bias_update_rate",
-            "a number >= 0 (the paper uses 1e-3)",
-        )
-        self._require(
             _finite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
             "router_aux_loss_coef",
             "a number >= 0",
@@ -303,40 +339,46 @@ class LossFreeMoeConfig(PreTrainedConfig):
                 "0 with load_balancing='none' (choose 'aux_loss' to train with a balance loss)",
             )
 
+    def validate_expert_choice(self):
+        # Runs before validate_experts (validators run in name order): no bound that assumes K <= E is checked here.
+        self._require(
+            _finite(self.expert_capacity_factor) and self.expert_capacity_factor > 0,
+            "expert_capacity_factor",
+            "a positive number (Zhou et al. and the default: 1)",
+        )
+        self._require(
+            self.expert_choice_chunk_size is None or _positive_int(self.expert_choice_chunk_size),
+            "expert_choice_chunk_size",
+            "None (the whole batch) or a positive integer number of sequences",
+        )
+        if self.load_balancing == "expert_choice":
+            most = self.n_routed_experts / self.num_experts_per_tok
+            self._require(
+                self.num_experts_per_tok > self.n_routed_experts or self.expert_capacity_factor <= most,
+                "expert_capacity_factor",
+                f"at most n_routed_experts / num_experts_per_tok = {most:g} with load_balancing='expert_choice' "
+                "(each expert then picks every token)",
+            )
+            self._require(
+                self.router_aux_loss_coef == 0,
+                "router_aux_loss_coef",
+                "0 with load_balancing='expert_choice' (Expert Choice is balanced by construction)",
+            )
+
     def validate_bias_update(self):
+        for field, (accepts, allowed) in BALANCING_FIELD_CHECKS.items():
+            self._require(accepts(getattr(self, field)), field, allowed)
         self._require(
-            self.bias_update_rule != "quantile" or self.bias_type == "additive",
-            "bias_update_rule",
-            "other than 'quantile' with bias_type='multiplicative' (Quantile Balancing computes an additive bias)",
-        )
-        self._require(
-            isinstance(self.bias_update_warmup_steps, int) and self.bias_update_warmup_steps >= 0,
-            "bias_update_warmup_steps",
-            "an integer >= 0",
-        )
-        self._require(
-            _finite(self.bias_update_stop_fraction) and 0 < self.bias_update_stop_fraction <= 1,
-            "bias_update_stop_fraction",
-            "a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop)",
-        )
-        self._require(
-            _finite(self.bias_quantile_ema) and 0 < self.bias_quantile_ema <= 1,
-            "bias_quantile_ema",
-            "a number in (0, 1] (the weight of the new candidate; 1: no blending)",
-        )
-        self._require(
-            _finite(self.bias_update_momentum) and 0 <= self.bias_update_momentum < 1,
-            "bias_update_momentum",
-            "a number in [0, 1)",
+            quantile_fits_bias_type(self.bias_update_rule, self.bias_type), "bias_update_rule", QUANTILE_NEEDS_ADDITIVE
         )
 
     def _require(self, condition: bool, field: str, allowed: str):
         _require(condition, field, allowed, getattr(self, field))
 
 
-def _require(condition: bool, field: str, allowed: str, value):
+def _require(condition: bool, field: str, allowed: str, value, owner: str = "LossFreeMoeConfig."):
     if not condition:
-        raise ValueError(f"LossFreeMoeConfig.{field} must be {allowed}, got {value!r}.")
+        raise ValueError(f"{owner}{field} must be {allowed}, got {value!r}.")
 
 
 def _positive_int(value) -> bool:
@@ -345,6 +387,44 @@ def _positive_int(value) -> bool:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each balancing field must be, as (test, description): the config's `validate_bias_update` and
+# `hf_lossfree_moe.settings.BalancingSettings` both judge by this table, so a field has one rule and one message.
+BALANCING_FIELD_CHECKS = {
+    "bias_update_rate": (lambda v: _finite(v) and v >= 0, "a number >= 0 (the paper uses 1e-3)"),
+    "bias_update_rule": (lambda v: v in get_args(BiasUpdateRule), f"one of {get_args(BiasUpdateRule)}"),
+    "bias_update_schedule": (lambda v: v in get_args(BiasUpdateSchedule), f"one of {get_args(BiasUpdateSchedule)}"),
+    "bias_update_warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "bias_update_stop_fraction": (
+        lambda v: _finite(v) and 0 < v <= 1,
+        "a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop)",
+    ),
+    "bias_quantile_ema": (
+        lambda v: _finite(v) and 0 < v <= 1,
+        "a number in (0, 1] (the weight of the new candidate; 1: no blending)",
+    ),
+    "bias_update_momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "bias_type": (lambda v: v in get_args(BiasType), f"one of {get_args(BiasType)}"),
+}
+QUANTILE_NEEDS_ADDITIVE = (
+    "other than 'quantile' with bias_type='multiplicative' (Quantile Balancing computes an additive bias)"
+)
+
+
+def quantile_fits_bias_type(rule, bias_type) -> bool:
+    """Quantile Balancing computes an additive bias: it cannot drive a multiplicative one."""
+    return rule != "quantile" or bias_type == "additive"
+
+
+def check_balancing_field(field: str, value) -> None:
+    """Raise `ValueError` naming `field` when `value` is not what `BALANCING_FIELD_CHECKS` says it must be."""
+    accepts, allowed = BALANCING_FIELD_CHECKS[field]
+    _require(accepts(value), field, allowed, value, owner="")
 
 
 def _allowed(field: str) -> str:
@@ -381,4 +461,4 @@ def _raise_value_errors(config_class):
 _raise_value_errors(LossFreeMoeConfig)
 
 
-__all__ = ["LossFreeMoeConfig"]
+__all__ = ["TRANSFORMERS_REQUIREMENT", "LossFreeMoeConfig", "check_transformers_version"]

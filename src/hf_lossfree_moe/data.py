@@ -75,15 +75,16 @@ def embedded_datasets(validation_split_percentage: int = 5) -> DatasetDict:
     return DatasetDict({split: Dataset.from_dict({TEXT_COLUMN: texts}) for split, texts in splits.items()})
 
 
-def check_data_file(path: str, argument: str) -> None:
-    """Raise `ValueError` naming `argument` unless `path` is an existing, non-blank file `datasets` can read as text."""
+def check_data_file(path: str, parameter: str) -> None:
+    """Raise `ValueError` naming `parameter` unless `path` is an existing, non-blank file `datasets` can read as
+    text."""
     if not os.path.isfile(path):
-        raise ValueError(f"{argument}: no such file: {path}")
+        raise ValueError(f"`{parameter}`: no such file: {path}")
     extension = path.rsplit(".", 1)[-1].lower()
     if extension not in FILE_LOADERS:
-        raise ValueError(f"{argument} must end in one of {sorted(FILE_LOADERS)}, got {path}")
+        raise ValueError(f"`{parameter}` must end in one of {sorted(FILE_LOADERS)}, got {path}")
     if not _has_text(path):
-        raise ValueError(f"{argument} {path} is empty; it needs at least one document of text.")
+        raise ValueError(f"`{parameter}` {path} is empty; it needs at least one document of text.")
 
 
 def _has_text(path: str, chunk_size: int = 1 << 16) -> bool:
@@ -117,14 +118,15 @@ def load_text_datasets(
     """Text from a Hub dataset, local files, or (given neither) the embedded corpus.
 
     Without a validation split, the first `validation_split_percentage`% of "train" is held out, as run_clm does.
-    Raises `ValueError` for a missing file, an empty split, or a `text_column` the data does not have.
+    Raises `ValueError` for a missing file, an empty split, or a `text_column` the data does not have; its message
+    names the parameter in backticks, e.g. `train_file`.
     """
     _check_percentage(validation_split_percentage)
     if dataset_name is not None and train_file is not None:
-        raise ValueError("Pass either --dataset_name or --train_file, not both.")
+        raise ValueError("Pass either `dataset_name` or `train_file`, not both.")
     if dataset_name is None and train_file is None:
         if validation_file is not None:
-            raise ValueError("--validation_file needs --train_file (or --dataset_name).")
+            raise ValueError("`validation_file` needs `train_file` (or `dataset_name`).")
         return TextDatasets(
             splits=embedded_datasets(validation_split_percentage),
             source=(
@@ -137,7 +139,7 @@ def load_text_datasets(
 
     source, load_kwargs = _dataset_source(dataset_name, dataset_config_name, train_file, validation_file)
     load_kwargs.update(cache_dir=cache_dir, token=token)
-    named = f"--dataset_name {dataset_name}" if dataset_name is not None else f"--train_file {train_file}"
+    named = f"`dataset_name` {dataset_name}" if dataset_name is not None else f"`train_file` {train_file}"
     try:
         raw = load_dataset(source, **load_kwargs)
     except DatasetGenerationError as error:
@@ -156,7 +158,7 @@ def load_text_datasets(
             raise ValueError(f"The {split} split of {named} is empty.")
         if text_column not in dataset.column_names:
             raise ValueError(
-                f"--text_column_name {text_column!r} is not a column of the {split} split; "
+                f"`text_column` {text_column!r} is not a column of the {split} split; "
                 f"its columns are {dataset.column_names}."
             )
     if dataset_name is not None:
@@ -181,14 +183,14 @@ def hold_out(train: Dataset, validation_split_percentage: int, named: str) -> Da
     if not 0 < num_held_out(validation_split_percentage) < len(train):
         usable = [percentage for percentage in range(1, 100) if 0 < num_held_out(percentage) < len(train)]
         advice = (
-            f"or a --validation_split_percentage in [{usable[0]}, {usable[-1]}]"
+            f"or a `validation_split_percentage` in [{usable[0]}, {usable[-1]}]"
             if usable
             else "or more than one document"
         )
         held_out = "no document" if num_held_out(validation_split_percentage) == 0 else "every document"
         raise ValueError(
-            f"--validation_split_percentage {validation_split_percentage} holds out {held_out} of the {len(train)} "
-            f"in {named}; pass --validation_file, {advice}."
+            f"`validation_split_percentage` {validation_split_percentage} holds out {held_out} of the {len(train)} "
+            f"in {named}; pass `validation_file`, {advice}."
         )
     held_out = range(num_held_out(validation_split_percentage))
     return DatasetDict(train=train.select(range(len(held_out), len(train))), validation=train.select(held_out))
@@ -235,13 +237,13 @@ def _dataset_source(
     if dataset_name is not None:
         return dataset_name, {"name": dataset_config_name}
     data_files = {"train": train_file}
-    check_data_file(train_file, "--train_file")
+    check_data_file(train_file, "train_file")
     if validation_file is not None:
-        check_data_file(validation_file, "--validation_file")
+        check_data_file(validation_file, "validation_file")
         data_files["validation"] = validation_file
     loaders = {FILE_LOADERS[path.rsplit(".", 1)[-1].lower()] for path in data_files.values()}
     if len(loaders) > 1:
-        raise ValueError(f"--train_file and --validation_file must have the same format, got {data_files}.")
+        raise ValueError(f"`train_file` and `validation_file` must have the same format, got {data_files}.")
     loader = loaders.pop()
     return loader, {"data_files": data_files, **(TEXT_LOADER_KWARGS if loader == "text" else {})}
 
@@ -253,7 +255,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length:
     distinguishable from document ends.
     """
     if vocab_size <= 256 + 2:
-        raise ValueError(f"vocab_size must exceed 258 (256 bytes + 2 special tokens) for BPE, got {vocab_size}.")
+        raise ValueError(f"`vocab_size` must exceed 258 (256 bytes + 2 special tokens) for BPE, got {vocab_size}.")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -309,8 +311,8 @@ def tokenize_and_group(
         if len(dataset) == 0:
             tokens = sum(len(ids) for ids in tokenized[split]["input_ids"])
             raise ValueError(
-                f"--block_size {block_size} is larger than the whole {split} split ({tokens} tokens); "
-                "use a smaller --block_size or more data."
+                f"`block_size` {block_size} is larger than the whole {split} split ({tokens} tokens); "
+                "use a smaller `block_size` or more data."
             )
     return grouped
 
@@ -318,5 +320,5 @@ def tokenize_and_group(
 def _check_percentage(validation_split_percentage: int) -> None:
     if not 0 < validation_split_percentage < 100:
         raise ValueError(
-            f"--validation_split_percentage must be an integer in [1, 99], got {validation_split_percentage}."
+            f"`validation_split_percentage` must be an integer in [1, 99], got {validation_split_percentage}."
         )

@@ -1,10 +1,10 @@
 """README.md model cards, of a trained LossFreeMoe and of its stock `glm4_moe` export: Hub metadata plus a Jinja
-template from `model_cards/`.
+template from the repository's top-level `model_cards/` folder.
 
 Metrics come from the Trainer's `log_history`, so the card states exactly what the run logged. Rendering goes
 through `huggingface_hub.ModelCard.from_template`, which writes the YAML header (license, tags, `library_name`,
-`pipeline_tag`, model-index) the Hub reads. The templates ship inside the package, so an installed wheel renders
-cards as a clone does.
+`pipeline_tag`, model-index) the Hub reads. The templates ship in the wheel as the package `hf_lossfree_moe.model_cards`
+(pyproject.toml maps the folder there), so an installed wheel renders cards as a clone does.
 """
 
 import json
@@ -19,11 +19,12 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from jinja2 import Template
 
-from .configuration_lossfree_moe import LossFreeMoeConfig
-from .plotting import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
+from .configuration_lossfree_moe import TRANSFORMERS_REQUIREMENT, LossFreeMoeConfig
+from .run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
 
 
-# Jinja templates shipped as package data in `model_cards/`.
+# Jinja templates of `model_cards/`, read as package data of `TEMPLATES_PACKAGE`.
+TEMPLATES_PACKAGE = "hf_lossfree_moe.model_cards"
 DEFAULT_TEMPLATE = "lossfree_moe.md"
 BALANCE_SECTION_TEMPLATE = "balance_section.md"
 BALANCE_SECTION_FILE = "balance_card_section.md"
@@ -182,6 +183,7 @@ def render_model_card(
         maxvio_rows=maxvio_rows,
         sample_prompt=json.dumps(sample_prompt, ensure_ascii=False),  # a JSON string is a valid Python literal
         data_sources=data_sources,
+        transformers_requirement=TRANSFORMERS_REQUIREMENT,
         **metrics,
     )
 
@@ -279,7 +281,7 @@ def read_template(name: str, template_path: str | os.PathLike | None = None) -> 
     """The text of `template_path`, or of the packaged template `name` when no path is given."""
     if template_path is not None:
         return Path(template_path).read_text(encoding="utf-8")
-    return files(__package__).joinpath("model_cards", name).read_text(encoding="utf-8")
+    return files(TEMPLATES_PACKAGE).joinpath(name).read_text(encoding="utf-8")
 
 
 def hub_url(name: str | None) -> str | None:

@@ -18,10 +18,18 @@ selects the top-K of `score + e_score_correction_bias` (or `score * bias`), and 
 *unbiased* scores. The router never changes its bias: `LossFreeBalancer` does, from outside, once per optimizer step.
 Attention, norms, rotary embeddings and caches are transformers' own; so are the experts kernels, plus the default
 `sorted_mm` (sorted_experts.py), faster on CPU.
-This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`.
+`load_balancing="expert_choice"` swaps the router for Expert Choice routing (Zhou et al., 2022), the paper's
+non-causal baseline: a research tool, never a text generator (docs/expert_choice.md).
+This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`. It
+imports its configuration first, which stops an unsupported transformers version with an error naming the versions.
 """
 
+from .configuration_lossfree_moe import LossFreeMoeConfig
+
+
+# isort: split
 from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +50,15 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_lossfree_moe import LossFreeMoeConfig
 from .sorted_experts import SORTED_MM
+
+
+logger = logging.get_logger(__name__)
 
 
 class LossFreeMoeRMSNorm(LlamaRMSNorm):
@@ -71,6 +81,20 @@ class LossFreeMoeMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fp32_router_logits(hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(T, H) x (E, H) -> (T, E) logits in fp32, even under autocast (Trainer's --bf16): near-tied scores must not
+    flip with rounding."""
+    with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+        return F.linear(hidden_states.float(), weight.float())
+
+
+def routing_scores(router_logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Routing scores s from fp32 logits: sigmoid (the paper) or softmax over experts (its ablation)."""
+    if scoring_func == "sigmoid":
+        return router_logits.sigmoid()
+    return router_logits.softmax(dim=-1)
 
 
 class LossFreeMoeTopkRouter(nn.Module):
@@ -104,9 +128,7 @@ class LossFreeMoeTopkRouter(nn.Module):
 
     def score(self, router_logits: torch.Tensor) -> torch.Tensor:
         """Routing scores s from fp32 logits: sigmoid (the paper) or softmax (its ablation)."""
-        if self.scoring_func == "sigmoid":
-            return router_logits.sigmoid()
-        return router_logits.softmax(dim=-1)
+        return routing_scores(router_logits, self.scoring_func)
 
     @torch.no_grad()
     def select(self, scores: torch.Tensor) -> torch.Tensor:
@@ -124,10 +146,7 @@ class LossFreeMoeTopkRouter(nn.Module):
         return scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices  # (T, K)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        # fp32 even under autocast (Trainer's --bf16): near-tied scores must not flip with rounding.
-        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
-            router_logits = F.linear(hidden_states.float(), self.weight.float())  # (T, E)
+        router_logits = fp32_router_logits(hidden_states.reshape(-1, self.hidden_dim), self.weight)  # (T, E)
         scores = self.score(router_logits)  # (T, E)
         topk_indices = self.select(scores)  # (T, K)
         topk_weights = scores.gather(1, topk_indices)  # (T, K): unbiased scores, the bias never weights
@@ -143,6 +162,93 @@ class LossFreeMoeTopkRouter(nn.Module):
         if moved.dtype != torch.float32:
             self.e_score_correction_bias = bias.to(device=moved.device)
         return self
+
+
+EXPERT_CHOICE_WARNING = (
+    "load_balancing='expert_choice' is a research baseline: each expert picks its tokens among all tokens of the "
+    "routing chunk, so a token's output depends on later tokens of its sequence (and on other sequences). The model "
+    "sees the future it is asked to predict; its loss is not a language model's, and it must not generate text."
+)
+
+
+class LossFreeMoeExpertChoiceRouter(nn.Module):
+    """Expert Choice routing (Zhou et al., 2022): each expert picks the top-C tokens of its routing chunk.
+
+    `C = ceil(expert_capacity_factor * n * K / E)` for a chunk of n real tokens, so the experts do the work of top-K
+    token choice when the factor is 1 and every expert gets the same load: balanced by construction, hence no bias
+    and no balancer. A chunk is `expert_choice_chunk_size` sequences of the batch (all of them by default); padding
+    tokens are never picked and do not count in n. `expert_choice_shuffle` permutes the batch's tokens before cutting
+    the chunks, so that a chunk holds tokens of many sequences (the paper's remedy for the leak, and a test of it).
+
+    Not causal: a token's experts depend on the other tokens of its chunk, the future of its own sequence included.
+
+    `forward(hidden_states (B, S, H), token_mask (B, S) or None) -> (router_logits (T, E), weights (T, M),
+    indices (T, M))`: the experts that picked each token first, M the most any token got. A token picked by fewer
+    experts fills its other slots with experts that did not pick it, at weight 0: every experts kernel takes them
+    (an out-of-range id would not be safe outside expert parallelism), and they add nothing to the output.
+    """
+
+    # Tells `LossFreeBalancer`, which finds routers by behaviour, that this one has nothing to balance.
+    routes_by_expert_choice = True
+
+    def __init__(self, config: LossFreeMoeConfig):
+        super().__init__()
+        self.hidden_dim = config.hidden_size
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.capacity_factor = Fraction(config.expert_capacity_factor).limit_denominator(10**6)
+        self.chunk_size = config.expert_choice_chunk_size
+        self.shuffle = config.expert_choice_shuffle
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.scoring_func = config.scoring_func
+        self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
+        logger.warning_once(EXPERT_CHOICE_WARNING)
+
+    def capacity(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens each expert picks in chunks of `tokens` real tokens: ceil(factor * n * K / E), in exact integers
+        (a float product such as 16.000001 would round up to one token too many)."""
+        numerator = self.capacity_factor.numerator * self.top_k
+        denominator = self.capacity_factor.denominator * self.num_experts
+        return (tokens * numerator + denominator - 1) // denominator
+
+    @torch.no_grad()
+    def choose(self, scores: torch.Tensor, real: torch.Tensor, sequence_length: int) -> torch.Tensor:
+        """(T, E) bool: which tokens each expert picks, from scores (T, E) and the real-token mask (T,)."""
+        num_tokens, num_experts = scores.shape
+        order = torch.randperm(num_tokens, device=scores.device) if self.shuffle else None
+        if order is not None:
+            scores, real = scores[order], real[order]
+        num_sequences = num_tokens // sequence_length
+        chunk = sequence_length * min(self.chunk_size or num_sequences, num_sequences)
+        padding = -num_tokens % chunk
+        candidates = F.pad(scores.masked_fill(~real[:, None], float("-inf")), (0, 0, 0, padding), value=float("-inf"))
+        candidates = candidates.view(-1, chunk, num_experts)  # (G, chunk, E)
+        capacity = self.capacity(F.pad(real, (0, padding)).view(-1, chunk).sum(dim=1))  # (G,)
+        most = int(capacity.max())
+        picked = candidates.topk(most, dim=1).indices  # (G, most, E): each expert's best tokens
+        within = torch.arange(most, device=scores.device)[None, :, None] < capacity[:, None, None]  # (G, most, 1)
+        chosen = torch.zeros_like(candidates, dtype=torch.bool)
+        chosen.scatter_(1, picked, within.expand_as(picked))
+        chosen = chosen.view(-1, num_experts)[:num_tokens]  # (T, E)
+        if order is None:
+            return chosen
+        return torch.empty_like(chosen).index_copy_(0, order, chosen)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sequence_length = hidden_states.shape[-2]
+        router_logits = fp32_router_logits(hidden_states.reshape(-1, self.hidden_dim), self.weight)  # (T, E)
+        scores = routing_scores(router_logits, self.scoring_func)  # (T, E)
+        real = torch.ones_like(scores[:, 0], dtype=torch.bool) if token_mask is None else token_mask.reshape(-1) != 0
+        chosen = self.choose(scores, real, sequence_length)  # (T, E)
+        weights = scores * chosen  # (T, E): unpicked experts weigh 0
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        most = max(int(chosen.sum(dim=-1).max()), 1)
+        indices = chosen.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :most]  # (T, M): picked first
+        return router_logits, weights.gather(1, indices) * self.routed_scaling_factor, indices
 
 
 @use_experts_implementation
@@ -183,7 +289,8 @@ class LossFreeMoeSparseMoeBlock(nn.Module):
 
     def __init__(self, config: LossFreeMoeConfig):
         super().__init__()
-        self.gate = LossFreeMoeTopkRouter(config)
+        self.expert_choice = config.load_balancing == "expert_choice"
+        self.gate = LossFreeMoeExpertChoiceRouter(config) if self.expert_choice else LossFreeMoeTopkRouter(config)
         self.experts = LossFreeMoeExperts(config)
         self.shared_experts = (
             LossFreeMoeMLP(config, config.moe_intermediate_size * config.n_shared_experts)
@@ -191,10 +298,14 @@ class LossFreeMoeSparseMoeBlock(nn.Module):
             else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states (B, S, H); token_mask (B, S), 0 for padding, is read by Expert Choice routing only."""
         batch_shape = hidden_states.shape
         flat = hidden_states.reshape(-1, batch_shape[-1])  # (T, H)
-        _, topk_weights, topk_indices = self.gate(flat)
+        if self.expert_choice:
+            _, topk_weights, topk_indices = self.gate(hidden_states, token_mask)
+        else:
+            _, topk_weights, topk_indices = self.gate(flat)
         output = self.experts(flat, topk_indices, topk_weights).view(batch_shape)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
@@ -260,7 +371,8 @@ class LossFreeMoeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: LossFreeMoeConfig, layer_idx: int):
         super().__init__()
         self.self_attn = LossFreeMoeAttention(config, layer_idx)
-        if layer_idx >= config.first_k_dense_replace:
+        self.is_moe = layer_idx >= config.first_k_dense_replace
+        if self.is_moe:
             self.mlp = LossFreeMoeSparseMoeBlock(config)
         else:
             self.mlp = LossFreeMoeMLP(config, config.intermediate_size)
@@ -276,8 +388,10 @@ class LossFreeMoeDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """`token_mask` (B, S), 0 for padding, keeps padding out of Expert Choice routing."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -289,7 +403,8 @@ class LossFreeMoeDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed = self.post_attention_layernorm(hidden_states)
+        return hidden_states + (self.mlp(normed, token_mask) if self.is_moe else self.mlp(normed))
 
 
 class LossFreeMoePreTrainedModel(PreTrainedModel):
@@ -305,7 +420,10 @@ class LossFreeMoePreTrainedModel(PreTrainedModel):
     # sorted_mm hands a traced forward to grouped_mm, whose routing has no data-dependent shapes.
     _can_compile_fullgraph = True
     _can_record_outputs = {
-        "router_logits": OutputRecorder(LossFreeMoeTopkRouter, index=0),
+        "router_logits": [
+            OutputRecorder(LossFreeMoeTopkRouter, index=0),
+            OutputRecorder(LossFreeMoeExpertChoiceRouter, index=0),
+        ],
         "hidden_states": LossFreeMoeDecoderLayer,
         "attentions": LossFreeMoeAttention,
     }
@@ -322,12 +440,14 @@ class LossFreeMoePreTrainedModel(PreTrainedModel):
         if isinstance(module, LossFreeMoeTopkRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.constant_(module.e_score_correction_bias, module.neutral_bias)
+        elif isinstance(module, LossFreeMoeExpertChoiceRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, LossFreeMoeExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
 
     def routers(self) -> list[LossFreeMoeTopkRouter]:
-        """The router of every MoE layer, in layer order."""
+        """The biased top-K router of every MoE layer, in layer order (none under Expert Choice routing)."""
         return [module for module in self.modules() if isinstance(module, LossFreeMoeTopkRouter)]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -400,6 +520,9 @@ class LossFreeMoeModel(LossFreeMoePreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1] :]  # (B, S): this forward's tokens
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -410,6 +533,7 @@ class LossFreeMoeModel(LossFreeMoePreTrainedModel):
                 cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                token_mask=token_mask,
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
@@ -520,7 +644,7 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
         aux_loss = None
-        if output_router_logits or add_aux_loss:
+        if (output_router_logits or add_aux_loss) and self.config.load_balancing != "expert_choice":
             aux_loss = self.balance_loss(outputs.router_logits, outputs.last_hidden_state.shape[:2], attention_mask)
             if add_aux_loss:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
@@ -534,6 +658,18 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, refused under Expert Choice routing: decoding routes a chunk of one new token
+        per sequence, where training routed whole sequences with their future, so the text would come from a model
+        that never ran that way."""
+        if self.config.load_balancing == "expert_choice":
+            raise ValueError(
+                "LossFreeMoeConfig.load_balancing='expert_choice' cannot generate text: Expert Choice routing picks "
+                "tokens by looking at the whole sequence, future included. Train with 'loss_free', 'aux_loss' or "
+                "'none' to generate; use Expert Choice only to study its loss (docs/expert_choice.md)."
+            )
+        return super().generate(*args, **kwargs)
 
     def balance_loss(
         self, router_logits: tuple[torch.Tensor, ...], batch_shape: torch.Size, attention_mask: torch.Tensor | None
@@ -563,6 +699,7 @@ __all__ = [
     "LossFreeMoeModel",
     "LossFreeMoeForCausalLM",
     "LossFreeMoeTopkRouter",
+    "LossFreeMoeExpertChoiceRouter",
     "LossFreeMoeExperts",
     "LossFreeMoeSparseMoeBlock",
     "sequence_balance_loss",

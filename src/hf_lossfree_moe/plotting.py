@@ -16,17 +16,12 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import LossFreeBalancingCallback
 from .routers import layer_numbers
+from .run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT, ROUTING_HISTORY_FILE, TRAINER_STATE_FILE
 
 
-ROUTING_HISTORY_FILE = "routing_history.json"
-TRAINER_STATE_FILE = "trainer_state.json"
-MAXVIO_PLOT = "maxvio_batch.png"
-LOAD_HEATMAP_PLOT = "eval_load_heatmap.png"
-BIAS_PLOT = "bias_trajectories.png"
 # Cell values are printed on the heatmap up to this many experts; beyond, they would not fit.
 MAX_ANNOTATED_EXPERTS = 32
 
@@ -61,13 +56,15 @@ class RoutingHistory:
 class RoutingHistoryRecorder(TrainerCallback):
     """Records `balancing.balancer.biases()` at each training log and the loads of each evaluation.
 
-    Add it after the `LossFreeBalancingCallback` it reads from, so biases are recorded after that step's update.
-    Pass the `history` of a checkpoint to continue it when resuming.
+    Add it after the `LossFreeBalancingCallback` it reads from, so biases are recorded after that step's update; that
+    callback writes the history into each checkpoint before the checkpoint counts as done. Pass the `history` of a
+    checkpoint to continue it when resuming.
     """
 
     def __init__(self, balancing: LossFreeBalancingCallback, history: RoutingHistory | None = None):
         self.balancing = balancing
         self.history = RoutingHistory() if history is None else history
+        balancing.add_checkpoint_file(ROUTING_HISTORY_FILE, lambda path, step: self.history.save(path))
 
     def record(self, step: int) -> None:
         if self.history.steps and self.history.steps[-1] == step:
@@ -90,11 +87,6 @@ class RoutingHistoryRecorder(TrainerCallback):
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.balancing.last_eval_loads is not None:
             self.history.eval_loads = self.balancing.last_eval_loads.tolist()
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.should_save and checkpoint.is_dir():
-            self.history.save(checkpoint / ROUTING_HISTORY_FILE)
 
 
 def layer_labels(router_names: list[str], layers: list[int] | None = None) -> list[str]:

@@ -7,7 +7,6 @@ kept between calls. Copies of a router that do not run, such as the original tha
 beside the trained copy, are not routers: each MoE layer has one, the copy its forward goes through.
 """
 
-import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .compat import scoring_function_from_source
 
 
 BIAS_NAME = "e_score_correction_bias"
@@ -67,6 +68,12 @@ def holds_bias(module: nn.Module) -> bool:
     return BIAS_NAME in own_tensors
 
 
+def routes_by_expert_choice(module: nn.Module) -> bool:
+    """Whether `module` is an Expert Choice router, as it says with `routes_by_expert_choice = True`: its experts pick
+    their tokens, so every expert gets the same load by construction and there is no bias to balance."""
+    return getattr(module, "routes_by_expert_choice", False) is True
+
+
 def deepseek_v3_topk_indices(router: nn.Module, output: Any) -> torch.Tensor:
     """The (T, K) indices of a `(router_logits, topk_weights, topk_indices)` output."""
     indices = output[-1] if isinstance(output, tuple) and len(output) == 3 else None
@@ -97,9 +104,7 @@ def scoring_function(router: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
 
     The router's own `scoring_func` / `score_function` / `scoring_function` / `score_fn` says it: a name
     (`"sigmoid"`, `"softmax"`) or the callable itself (e.g. `ACT2FN[config.scoring_func]`). A router without one is
-    read by the code of its `forward`: the logits themselves where it adds the bias to `router_logits` (e.g.
-    Kolibri-1, which applies the sigmoid only to the chosen experts' weights), softmax where it calls only softmax,
-    else sigmoid, DeepSeek-V3's function.
+    read by the code of its `forward` (`compat.scoring_function_from_source`).
     """
     for attribute in SCORING_FUNCTION_ATTRIBUTES:
         value = getattr(router, attribute, None)
@@ -107,15 +112,7 @@ def scoring_function(router: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
             return NAMED_SCORING_FUNCTIONS.get(value)
         if callable(value):
             return value
-    try:
-        source = inspect.getsource(type(router).forward)
-    except (OSError, TypeError):
-        return torch.sigmoid
-    if re.search(rf"router_logits\s*\+\s*self\.{BIAS_NAME}", source):
-        return NAMED_SCORING_FUNCTIONS["identity"]
-    if "softmax" in source and "sigmoid" not in source:
-        return NAMED_SCORING_FUNCTIONS["softmax"]
-    return torch.sigmoid
+    return NAMED_SCORING_FUNCTIONS[scoring_function_from_source(type(router), BIAS_NAME)]
 
 
 def router_scores(router: nn.Module, output: Any) -> torch.Tensor:
@@ -220,6 +217,13 @@ def find_routers(model: nn.Module) -> list[FoundRouter]:
     adapters = [*_FAMILY_ADAPTERS.values(), DEEPSEEK_V3_ADAPTER]
     idle = idle_modules(model)
     names = {module: name for name, module in model.named_modules()}
+    expert_choice = [name for module, name in names.items() if routes_by_expert_choice(module)]
+    if expert_choice:
+        raise ValueError(
+            f"{expert_choice[0]} routes by Expert Choice (load_balancing='expert_choice'): each expert picks its "
+            "tokens, so loads are balanced by construction and there is no bias to update. LossFreeBalancer and its "
+            "callback do not apply; train such a model without them."
+        )
     located = []
     for module in names:
         if module in idle:
@@ -279,6 +283,7 @@ __all__ = [
     "layer_numbers",
     "read_scores",
     "register_router_adapter",
+    "routes_by_expert_choice",
     "wrapper_copies",
     "router_scores",
     "scoring_function",

@@ -26,7 +26,7 @@ from typing import get_args
 
 import torch
 
-from .configuration_lossfree_moe import BiasUpdateRule, BiasUpdateSchedule
+from .configuration_lossfree_moe import BiasUpdateRule, BiasUpdateSchedule, check_balancing_field
 
 
 UPDATE_RULES = get_args(BiasUpdateRule)
@@ -51,7 +51,9 @@ class UpdateSchedule:
     stop_fraction: float = 1.0
 
     def __post_init__(self):
-        check_schedule(self.kind, self.warmup_steps, self.stop_fraction)
+        check_balancing_field("bias_update_schedule", self.kind)
+        check_balancing_field("bias_update_warmup_steps", self.warmup_steps)
+        check_balancing_field("bias_update_stop_fraction", self.stop_fraction)
 
     @property
     def needs_total_steps(self) -> bool:
@@ -85,36 +87,6 @@ def check_total_steps(total_steps) -> None:
             f"bias_update_schedule is 'cosine' or bias_update_stop_fraction < 1; got {total_steps!r}. The Trainer "
             "callback takes it from the Trainer's max_steps; in a plain loop pass LossFreeBalancer(total_steps=...)."
         )
-
-
-def check_schedule(kind, warmup_steps, stop_fraction) -> None:
-    """Raise `ValueError` naming a bad schedule setting."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"bias_update_schedule must be one of {SCHEDULES}, got {kind!r}.")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"bias_update_warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
-    if not (_is_real(stop_fraction) and 0 < stop_fraction <= 1):
-        raise ValueError(
-            f"bias_update_stop_fraction must be a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop), "
-            f"got {stop_fraction!r}."
-        )
-
-
-def check_rule_options(rule, quantile_ema, momentum) -> None:
-    """Raise `ValueError` naming a bad rule or rule option."""
-    if rule not in UPDATE_RULES:
-        raise ValueError(f"bias_update_rule must be one of {UPDATE_RULES}, got {rule!r}.")
-    if not (_is_real(quantile_ema) and 0 < quantile_ema <= 1):
-        raise ValueError(
-            f"bias_quantile_ema must be a number in (0, 1] (the weight of the new candidate; 1: no blending), "
-            f"got {quantile_ema!r}."
-        )
-    if not (_is_real(momentum) and 0 <= momentum < 1):
-        raise ValueError(f"bias_update_momentum must be a number in [0, 1), got {momentum!r}.")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @torch.no_grad()
@@ -186,8 +158,6 @@ __all__ = [
     "SCHEDULES",
     "UPDATE_RULES",
     "UpdateSchedule",
-    "check_rule_options",
-    "check_schedule",
     "check_total_steps",
     "quantile_candidate",
     "rule_update",

@@ -1,0 +1,144 @@
+"""The per-step bias update: the step's counts summed over ranks, the rule and its schedule, and what a step reports.
+
+The rules themselves are pure functions in update_rules.py; this module holds what they need between steps (the
+count of updates the schedule reads, the SMEBU momentum) and turns one step's global loads into fp64 updates of the
+layers that may move. Counts are int64 until here, so they are finite, and a layer that counted no token is left
+out: nothing non-finite can reach a bias.
+"""
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .balance_metrics import compute_load_metrics, compute_maxvio
+from .bias_storage import NEUTRAL_BIAS
+from .settings import BalancingSettings
+from .update_rules import rule_update
+
+
+class BiasUpdate:
+    """The update rule of `settings` with the state it carries between steps.
+
+    Attributes:
+        completed_steps: Updates so far (steps of the run, counted or not); the schedule's n is the next one.
+        momentum_state: (routers, experts) fp64 momentum of the `"smebu"` rule.
+    """
+
+    def __init__(self, settings: BalancingSettings, num_routers: int, num_experts: int):
+        self.settings = settings
+        self.completed_steps = 0
+        self.momentum_state = torch.zeros(num_routers, num_experts, dtype=torch.float64)
+
+    def next_factor(self, updates_biases: bool) -> float:
+        """Count one more step and return its schedule factor; 0 when the balancer only measures."""
+        self.completed_steps += 1
+        if not updates_biases:
+            return 0.0
+        return self.settings.schedule.factor(self.completed_steps, self.settings.total_steps)
+
+    def deltas(
+        self,
+        loads: torch.Tensor,
+        biases: torch.Tensor,
+        factor: float,
+        movable: torch.Tensor,
+        candidates: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(L, E) fp64 update of the `movable` layers (an (routers,) mask), each of which received tokens.
+
+        `loads`, `biases` and `candidates` hold the rows of those layers. The schedule's factor multiplies u (for
+        `"quantile"`, the EMA weight); `center=True` then subtracts the mean of each layer's update.
+        """
+        settings = self.settings
+        rate = settings.bias_quantile_ema if settings.bias_update_rule == "quantile" else settings.bias_update_rate
+        state = self.momentum_state[movable]
+        delta = rule_update(
+            settings.bias_update_rule,
+            loads,
+            biases,
+            factor * rate,
+            momentum_state=state,
+            momentum=settings.bias_update_momentum,
+            candidates=None if candidates is None else candidates[movable],
+        )
+        self.momentum_state[movable] = state
+        if settings.center:
+            delta = delta - delta.mean(dim=-1, keepdim=True)
+        return delta
+
+    def state_dict(self) -> dict:
+        return {"completed_steps": self.completed_steps, "momentum": self.momentum_state.tolist()}
+
+    def load_state_dict(self, state: dict):
+        momentum = torch.tensor(state["momentum"], dtype=torch.float64)
+        if momentum.shape != self.momentum_state.shape:
+            raise ValueError(
+                f"state['momentum'] must have shape {tuple(self.momentum_state.shape)} (routers, experts), got "
+                f"{tuple(momentum.shape)}: the state comes from another model."
+            )
+        self.momentum_state.copy_(momentum)
+        self.completed_steps = int(state["completed_steps"])
+
+
+def sum_over_ranks(
+    loads: torch.Tensor,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None,
+    all_reduce: Callable[[torch.Tensor], None],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The step's global (L, E) int64 loads on the CPU, Quantile Balancing's mean candidates (L, E) fp64 (None without
+    candidates) and which layers (L,) counted tokens, from this rank's loads and its candidate `(sums, calls)`.
+
+    One collective: with candidates, loads, sums and numbers of calls travel together in fp64 (exact for counts below
+    2**53), and the mean is taken over router calls and ranks.
+    """
+    if candidates is None:
+        all_reduce(loads)
+        loads = loads.cpu()
+        return loads, None, loads.sum(dim=-1) > 0
+    sums, calls = candidates
+    num_experts = loads.size(-1)
+    gathered = torch.cat([loads.double(), sums, calls], dim=-1)  # (L, 2E + 1)
+    all_reduce(gathered)
+    gathered = gathered.cpu()
+    loads = gathered[:, :num_experts].round().long()
+    sums, calls = gathered[:, num_experts:-1], gathered[:, -1:]
+    counted = (loads.sum(dim=-1) > 0) & (calls.squeeze(-1) > 0)
+    return loads, sums / calls.clamp(min=1), counted
+
+
+def load_statistics(loads: torch.Tensor, layers: list[int], factor: float) -> dict[str, float]:
+    """`maxvio_batch` (+ per layer), the `batch_*` load figures and the schedule's `bias_update_factor`."""
+    stats = compute_maxvio(loads, layers).metrics("maxvio_batch")
+    stats.update(compute_load_metrics(loads, "batch"))
+    stats["bias_update_factor"] = factor
+    return stats
+
+
+def bias_statistics(biases: torch.Tensor, bias_type: str, updated: bool) -> dict[str, float]:
+    """`bias_abs_max` and `bias_abs_mean` (distance from the neutral bias, 0 or 1) and `bias_updated` (1.0 or 0.0)."""
+    distance = (biases - NEUTRAL_BIAS[bias_type]).abs()  # (L, E)
+    return {
+        "bias_abs_max": distance.max().item(),
+        "bias_abs_mean": distance.mean().item(),
+        "bias_updated": float(updated),
+    }
+
+
+def warn_nothing_counted(attached: bool, ran_in_eval_mode: bool, stacklevel: int = 2):
+    """Say that a step counted no token, and the likely reason."""
+    reason = (
+        "this balancer is detached: `remove()` was called or a newer balancer took over the routers."
+        if not attached
+        else "the model ran in eval mode, whose forwards never count toward the biases: call model.train() "
+        "before training (from_pretrained returns a model in eval mode)."
+        if ran_in_eval_mode
+        else "counting needs training-mode forwards of the model the balancer is attached to."
+    )
+    warnings.warn(
+        f"LossFreeBalancer.step(): no token was counted since the last step, so no bias moved; {reason}",
+        stacklevel=stacklevel + 1,
+    )
+
+
+__all__ = ["BiasUpdate", "bias_statistics", "load_statistics", "sum_over_ranks", "warn_nothing_counted"]
