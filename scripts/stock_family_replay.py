@@ -74,8 +74,9 @@ def run_arm(arm: str, blocks, vocab_size: int, args: StockReplayArguments) -> di
     start = time.perf_counter()
     model = build_model(args.family, vocab_size, arm, args)
     spec = RunSpec(None, args.seed, DEFAULT_SCALE.__class__(max_steps=args.max_steps), blocks, vocab_size)
-    trainer = Trainer(model=model, args=training_arguments(spec, str(Path(args.output_dir) / arm)),
-                      train_dataset=blocks["train"])
+    trainer = Trainer(
+        model=model, args=training_arguments(spec, str(Path(args.output_dir) / arm)), train_dataset=blocks["train"]
+    )
     trainer.remove_callback(PrinterCallback)
     update_rate = args.update_rate if arm == "loss_free" else 0.0
     callback = add_balancing_callback(trainer, LossFreeBalancingCallback(bias_update_rate=update_rate, report=False))

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainingArguments
 from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM
 from hf_lossfree_moe.model_card import BALANCE_SECTION_FILE
 from hf_lossfree_moe.plotting import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT, ROUTING_HISTORY_FILE, RoutingHistory
+from hf_lossfree_moe.testing_utils import build_tiny_model
 
 
 def examples(count: int, seed: int, length: int = 12):
@@ -93,3 +94,22 @@ def test_report_false_writes_nothing_and_bad_values_are_refused(tiny_config, tmp
     assert not any((tmp_path / name).exists() for name in (MAXVIO_PLOT, ROUTING_HISTORY_FILE, BALANCE_SECTION_FILE))
     with pytest.raises(ValueError, match="report must be True or False"):
         LossFreeBalancingCallback(report="yes")
+
+
+def test_a_stock_family_without_a_bias_gets_its_plots_and_section(tmp_path):
+    """Qwen3-MoE trained with its own auxiliary loss: measured only, so no bias plot, and the section says so."""
+    torch.manual_seed(0)
+    model = build_tiny_model("qwen3_moe", output_router_logits=True, router_aux_loss_coef=1e-3)
+    trainer, callback, metrics = train_and_evaluate(
+        model, tmp_path, report_to=[], callback=LossFreeBalancingCallback()
+    )
+    assert not callback.balancer.updates_biases
+    assert {path.name for path in tmp_path.glob("*.png")} == {MAXVIO_PLOT, LOAD_HEATMAP_PLOT}
+    section = (tmp_path / BALANCE_SECTION_FILE).read_text()
+    assert (
+        "measured only (the routing biases did not move); training used the model's auxiliary loss (coefficient "
+        "0.001)" in section
+    )
+    assert f"| MaxVio_global, layer 0 | {metrics['eval_maxvio_global/layer_0']:.4f} |" in section
+    assert f"| MaxVio_global, layer 1 | {metrics['eval_maxvio_global/layer_1']:.4f} |" in section
+    assert BIAS_PLOT not in section

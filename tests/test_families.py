@@ -1,4 +1,4 @@
-"""Loss-free balancing of transformers' own MoE families that carry an `e_score_correction_bias`."""
+"""transformers' own MoE families: balancing those that carry an `e_score_correction_bias`, measuring those without."""
 
 import subprocess
 import sys
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_lossfree_moe import LossFreeBalancer
-from hf_lossfree_moe.families import BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER, STATICS_ADAPTER, TOPK_ROUTER_ADAPTER
 from hf_lossfree_moe.balance_metrics import compute_layer_spread_metrics, compute_maxvio
+from hf_lossfree_moe.families import BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER, STATICS_ADAPTER, TOPK_ROUTER_ADAPTER
 from hf_lossfree_moe.routers import DEEPSEEK_V3_ADAPTER, find_routers
 from hf_lossfree_moe.testing_utils import build_tiny_model, correction_bias_families, tiny_model_class
 
@@ -226,13 +226,15 @@ def test_a_family_without_a_bias_is_measured_exactly(family):
     assert [router.adapter for router in find_routers(model)] == [TOPK_ROUTER_ADAPTER] * 2
     choices = router_choices(balancer.routers)
     input_ids, attention_mask = padded_batch()
-    model.gradient_checkpointing_enable()
-    model(input_ids=input_ids, attention_mask=attention_mask).logits.float().pow(2).mean().backward()  # recomputes
+    model.activation_checkpointing_enable()
+    model(input_ids=input_ids, attention_mask=attention_mask).logits.float().pow(2).mean().backward()
+    assert [len(calls) for calls in choices.values()] == [2, 2]  # the forward, then its recomputation
     expected = counted_by_hand({index: calls[:1] for index, calls in choices.items()}, attention_mask)
     with torch.no_grad():
         model.eval()(input_ids=input_ids, attention_mask=attention_mask)  # evaluation: not counted
         model.generate(input_ids[1:], max_new_tokens=2, do_sample=False)  # generation: not counted
     model.train()
+    assert all(len(calls) > 3 for calls in choices.values())  # the routers ran, the balancer did not count
 
     loads = balancer.loads
     assert torch.equal(loads, expected)

@@ -243,7 +243,8 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         for key in sorted({key for step in stats for key in step if key.startswith(("maxvio_batch", "batch_"))}):
             values = [step[key] for step in stats if key in step]
             added[key] = sum(values) / len(values)
-        added.update({key: stats[-1][key] for key in ("bias_abs_max", "bias_abs_mean", "bias_update_factor")})
+        last = ("bias_abs_max", "bias_abs_mean", "bias_update_factor")  # routers without a bias have no bias_abs_*
+        added.update({key: stats[-1][key] for key in last if key in stats[-1]})
         return added
 
     def _evaluation_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
