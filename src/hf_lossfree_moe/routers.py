@@ -238,10 +238,14 @@ def find_routers(model: nn.Module) -> list[FoundRouter]:
         for adapter, location in located
         if adapter is not DEEPSEEK_V3_ADAPTER
     }
+    # A router that a block hands its bias to (e.g. LFM2-MoE's, whose bias argument is optional) is not also a router
+    # without a bias.
+    biased = {location.router for _, location in located if location.bias_owner is not None}
     found = [
         FoundRouter(names[loc.router], loc.router, adapter, loc.bias_owner, loc.bias_attr, _num_experts(loc))
         for adapter, loc in located
-        if adapter is not DEEPSEEK_V3_ADAPTER or (loc.bias_owner, loc.bias_attr) not in claimed
+        if (adapter is not DEEPSEEK_V3_ADAPTER or (loc.bias_owner, loc.bias_attr) not in claimed)
+        and (loc.bias_owner is not None or loc.router not in biased)
     ]
     order = {module: position for position, module in enumerate(names)}
     return sorted(found, key=lambda router: order[router.module])
