@@ -118,7 +118,9 @@ def router_outputs(model: torch.nn.Module) -> str:
     ]
     try:
         with torch.no_grad():
-            model.train()(input_ids=torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0)))
+            input_ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+            decoder = {"decoder_input_ids": input_ids} if getattr(model.config, "is_encoder_decoder", False) else {}
+            model.train()(input_ids=input_ids, **decoder)
     except Exception as error:  # the forward's own failure is the reason reported
         return f"a training forward fails ({type(error).__name__}: {_first_line(error)})"
     finally:
@@ -126,7 +128,10 @@ def router_outputs(model: torch.nn.Module) -> str:
             hook.remove()
     if not seen:
         return "no router module runs in a text forward"
-    return "; ".join(seen.values()) + f": no (tokens, top_k) integer expert indices (16 tokens, top-{TOP_K})"
+    return (
+        "; ".join(seen.values())
+        + " (16 tokens): none returns the (logits, weights, (tokens, top_k) indices) the balancer reads"
+    )
 
 
 def _first_line(error: Exception) -> str:
@@ -153,17 +158,21 @@ def row(family: str) -> str:
         return unsupported_row(family, f"`{model_class.__name__}`", router_outputs(model))
     router = routers[0]
     grouped = "yes" if "topk_group" in inspect.getsource(type(router.module)) else "no"
-    if router.has_bias:
-        bias = getattr(router.bias_owner, router.bias_attr)
-        storage = "`nn.Parameter`" if isinstance(bias, torch.nn.Parameter) else "buffer"
-        owner = layer_relative(module_name(model, router.bias_owner))
-        where = f"{storage} `{owner}.{router.bias_attr}` {tuple(bias.shape)}"
-        status, bf16 = _status(BALANCED, verify(model)), bf16_load_dtype(family, model)
-    else:
-        where, bf16 = "none", ""
-        status = _status(MEASURED, verify(model, measure_only=True))
-        if status == MEASURED and supports_selection_bias(type(router.module)):
-            status = _status(OPT_IN, verify(add_selection_bias(model)))
+    try:
+        if router.has_bias:
+            bias = getattr(router.bias_owner, router.bias_attr)
+            storage = "`nn.Parameter`" if isinstance(bias, torch.nn.Parameter) else "buffer"
+            owner = layer_relative(module_name(model, router.bias_owner))
+            where = f"{storage} `{owner}.{router.bias_attr}` {tuple(bias.shape)}"
+            status, bf16 = _status(BALANCED, verify(model)), bf16_load_dtype(family, model)
+        else:
+            where, bf16 = "none", ""
+            status = _status(MEASURED, verify(model, measure_only=True))
+            if status == MEASURED and supports_selection_bias(type(router.module)):
+                status = _status(OPT_IN, verify(add_selection_bias(model)))
+    except Exception as error:  # the tiny model's own failure is the reason reported
+        reason = f"a training forward of the tiny model fails ({type(error).__name__}: {_first_line(error)})"
+        return unsupported_row(family, f"`{model_class.__name__}`", reason)
     return (
         f"| `{family}` | `{model_class.__name__}` | `{layer_relative(router.name)}` | {where} | {router.adapter.name} "
         f"| {grouped} | {bf16} | {status} |"
