@@ -9,7 +9,8 @@ import torch
 from hf_lossfree_moe import LossFreeBalancer
 from hf_lossfree_moe.balance_metrics import compute_layer_spread_metrics, compute_maxvio
 from hf_lossfree_moe.families import BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER, STATICS_ADAPTER, TOPK_ROUTER_ADAPTER
-from hf_lossfree_moe.routers import DEEPSEEK_V3_ADAPTER, find_routers
+from hf_lossfree_moe.routers import DEEPSEEK_V3_ADAPTER, RouterLocation, find_routers
+from hf_lossfree_moe.selection_bias import add_selection_bias
 from hf_lossfree_moe.testing_utils import build_tiny_model, correction_bias_families, tiny_model_class
 
 
@@ -246,3 +247,16 @@ def test_a_family_without_a_bias_is_measured_exactly(family):
     )
     assert stats["bias_updated"] == 0.0 and "bias_abs_max" not in stats
     assert balancer.biases().shape == (2, 0)
+
+
+def test_routers_without_a_bias_refuse_to_be_balanced_and_cannot_be_mixed_with_biased_ones():
+    model = build_tiny_model("qwen3_moe")
+    with pytest.raises(ValueError, match="have no bias, so the balancer only measures"):
+        LossFreeBalancer(model, bias_update_rate=1e-3)
+    with pytest.raises(ValueError, match="have no bias, so the balancer only measures"):
+        LossFreeBalancer(model, frozen=False)
+    with pytest.raises(ValueError, match="must give num_experts"):
+        RouterLocation(model.model.layers[0].mlp.gate, None, None)
+    add_selection_bias(model.model.layers[0])  # layer 0's router gets a bias, layer 1's not
+    with pytest.raises(ValueError, match=r"Some routers have a bias \(model.layers.0.mlp.gate\) and others have none"):
+        LossFreeBalancer(model)
