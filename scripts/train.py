@@ -137,7 +137,11 @@ class ModelArguments:
         },
     )
     load_balancing: LoadBalancing | None = field(
-        default=None, metadata={"help": "loss_free, aux_loss (the paper's baseline) or none. Default: the config's."}
+        default=None,
+        metadata={
+            "help": "loss_free, aux_loss (the paper's baseline), none, or expert_choice (the paper's non-causal "
+            "baseline, for research only; see docs/expert_choice.md). Default: the config's."
+        },
     )
     bias_update_rate: float | None = field(
         default=None, metadata={"help": "Bias update rate u (the paper: 1e-3). Default: the config's."}

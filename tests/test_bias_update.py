@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import padded_batch, run_on_two_ranks, tiny_model
+from conftest import ToyModel, ToyRouter, padded_batch, run_on_two_ranks, tiny_model
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, compute_maxvio
 from hf_lossfree_moe.balance_metrics import compute_load_metrics
-from hf_lossfree_moe.update_rules import quantile_candidate, rule_update
+from hf_lossfree_moe.update_rules import UPDATE_RULES, quantile_candidate, rule_update
 
 
 def test_step_applies_the_sign_rule_in_place(model):
@@ -146,6 +146,29 @@ def test_balancer_averages_quantile_candidates_over_micro_batches_then_recentres
     torch.testing.assert_close(balancer.biases()[0], expected, atol=1e-6, rtol=0)
 
 
+def test_annealed_quantile_starts_from_the_first_batch_then_blends_with_a_falling_weight():
+    # A = 2, floor 0.25: updates 1 and 2 replace the bias by the batch's re-centred candidate (the first is the warm
+    # start), update 3 blends with weight 2 / 3, update 8 (2 / 8) and later with the floor 0.25
+    model = tiny_model(bias_update_rule="quantile", bias_quantile_anneal_steps=2, bias_quantile_ema=0.25)
+    balancer = LossFreeBalancer(model)
+    router = balancer.routers[0]
+    outputs = []
+    hook = router.register_forward_hook(lambda module, args, output: outputs.append(output))
+    generator = torch.Generator().manual_seed(6)
+    expected_weights = {1: 1.0, 2: 1.0, 3: 2 / 3, 8: 0.25, 9: 0.25}
+    for update in range(1, 10):
+        before = balancer.biases()[0]
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 128, (2, 9), generator=generator))
+        balancer.step()
+        candidate = quantile_candidate(outputs[-1][0].sigmoid(), before, 2)
+        target = candidate - candidate.mean()
+        if update in expected_weights:
+            weight = expected_weights[update]
+            torch.testing.assert_close(balancer.biases()[0], before + weight * (target - before), atol=1e-6, rtol=0)
+    hook.remove()
+
+
 def test_quantile_step_sums_counts_candidates_and_calls_over_ranks_in_one_collective(monkeypatch):
     """Two balancers stand for two ranks: the collective is replaced by adding the other rank's payload."""
     ranks = [LossFreeBalancer(tiny_model(bias_update_rule="quantile")) for _ in range(2)]
@@ -160,7 +183,8 @@ def test_quantile_step_sums_counts_candidates_and_calls_over_ranks_in_one_collec
     def all_reduce(tensor):
         reduced.append(tensor.clone())
         other_loads, other_sums, other_calls = payloads[1]
-        tensor += torch.cat([other_loads.double(), other_sums, other_calls], dim=-1)
+        no_non_finite_calls = torch.zeros_like(other_calls)
+        tensor += torch.cat([other_loads.double(), no_non_finite_calls, other_sums, other_calls], dim=-1)
 
     monkeypatch.setattr(ranks[0], "_all_reduce", all_reduce)
     stats = ranks[0].step()
@@ -252,3 +276,89 @@ def test_step_logs_the_load_metrics_of_the_batch():
     stats = balancer.step()
     assert {key: stats[key] for key in expected} == expected
     assert set(expected) == {"batch_dead_expert_fraction", "batch_load_cv", "batch_min_load_ratio"}
+
+
+def two_toy_layers(scores: torch.Tensor) -> ToyModel:
+    return ToyModel(ToyRouter(scores.clone(), top_k=2), ToyRouter(scores.clone(), top_k=2)).train()
+
+
+def step_recording_warnings(balancer) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        balancer.step()
+    return [str(warning.message) for warning in caught]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("rule", UPDATE_RULES)
+def test_a_non_finite_score_skips_that_layers_update_with_one_warning(rule, bad):
+    """One bad token in layer 1 at step 3: layer 1 keeps its bias (and momentum) for that step, with one warning
+    naming it and the step; layer 0 updates as in a clean run; from the next clean step on, layer 1 moves again."""
+    scores = torch.rand(12, 8)
+    model, clean = two_toy_layers(scores), two_toy_layers(scores)
+    balancer = LossFreeBalancer(model, update_rate=0.01, rule=rule)
+    reference = LossFreeBalancer(clean, update_rate=0.01, rule=rule)
+    for _ in range(2):
+        model(), clean()
+        balancer.step(), reference.step()
+
+    model.layers[1].scores[3, 5] = bad
+    before, momentum_before = balancer.biases(), balancer.state_dict()["momentum"]
+    model(), clean()
+    messages = step_recording_warnings(balancer)
+    reference.step()
+    assert messages == [
+        "LossFreeBalancer.step() 3: the router scores of layer(s) 1 held NaN or infinite values (check the inputs and "
+        "activations of this step), so their biases, and their momentum, were left as they were for this step."
+    ]
+    assert torch.equal(balancer.biases()[1], before[1])
+    assert balancer.state_dict()["momentum"][1] == momentum_before[1]
+    assert torch.equal(balancer.biases()[0], reference.biases()[0])
+
+    model.layers[1].scores = torch.rand(12, 8)  # clean again, and new: every rule moves the bias
+    model()
+    assert step_recording_warnings(balancer) == []
+    assert torch.isfinite(balancer.biases()).all() and not torch.equal(balancer.biases()[1], before[1])
+    assert torch.isfinite(torch.tensor(balancer.state_dict()["momentum"], dtype=torch.float64)).all()
+
+
+def test_a_nan_token_leaves_quantile_biases_finite_and_routing_balanced():
+    """One NaN embedding in one batch: every MoE layer skips that step, and clean steps go on balancing."""
+    model = tiny_model(bias_update_rule="quantile")
+    balancer = LossFreeBalancer(model)
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randint(3, 128, (4, 16), generator=generator) for _ in range(6)]
+    for input_ids in batches[:2]:
+        model(input_ids=input_ids)
+        balancer.step()
+    before = balancer.biases()
+    embeddings = model.get_input_embeddings()(batches[2]).detach()
+    embeddings[1, 4] = float("nan")
+    model(inputs_embeds=embeddings)
+    messages = step_recording_warnings(balancer)
+    assert len(messages) == 1 and messages[0].startswith(
+        "LossFreeBalancer.step() 3: the router scores of layer(s) 1, 2"
+    )
+    assert torch.equal(balancer.biases(), before)
+    for input_ids in batches[3:]:
+        model(input_ids=input_ids)
+        stats = balancer.step()
+    assert torch.isfinite(balancer.biases()).all() and not torch.equal(balancer.biases(), before)
+    # NaN biases route every token to the same two of 8 experts (top-2): MaxVio (8/2 - 1) = 3.
+    assert stats["maxvio_batch"] < 2
+
+
+def test_a_non_finite_score_on_one_rank_skips_the_layer_on_every_rank(monkeypatch):
+    """Two balancers stand for two ranks: the other rank's non-finite call travels in the same collective."""
+    scores = torch.rand(6, 4)
+    poisoned = scores.clone()
+    poisoned[0, 0] = float("nan")
+    ranks = [LossFreeBalancer(two_toy_layers(scores)), LossFreeBalancer(two_toy_layers(scores))]
+    ranks[1].model.layers[0].scores = poisoned
+    for rank in ranks:
+        rank.model()
+    other = torch.cat([ranks[1].loads, ranks[1]._counter.train_counts.non_finite_calls(ranks[1].device)], dim=-1)
+    monkeypatch.setattr(ranks[0], "_all_reduce", lambda tensor: tensor.add_(other))
+    messages = step_recording_warnings(ranks[0])
+    assert len(messages) == 1 and "layer(s) 0 held NaN" in messages[0]
+    assert ranks[0].biases()[0].eq(0).all() and ranks[0].biases()[1].ne(0).any()

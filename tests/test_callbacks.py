@@ -163,11 +163,19 @@ def test_evaluate_before_training_and_predict(tiny_config, tmp_path):
     assert torch.equal(callback.balancer.biases(), torch.zeros(2, 8))
 
 
-@pytest.mark.parametrize("rule", ["sign", "smebu"])  # smebu carries a momentum from step to step
-def test_resuming_gives_the_biases_of_an_uninterrupted_run(tiny_config, tmp_path, rule):
+@pytest.mark.parametrize(
+    "rule_settings",
+    [
+        {"bias_update_rule": "sign"},
+        {"bias_update_rule": "smebu"},  # carries a momentum from step to step
+        # the annealed weight reads the count of updates: 1 up to update 4, then 4 / n, across the resume
+        {"bias_update_rule": "quantile", "bias_quantile_anneal_steps": 4, "bias_quantile_ema": 0.1},
+    ],
+)
+def test_resuming_gives_the_biases_of_an_uninterrupted_run(tiny_config, tmp_path, rule_settings):
     train = padded_examples(40, seed=4)
     settings = dict(max_steps=20, save_strategy="steps", save_steps=10, logging_steps=10)
-    tiny_config = functools.partial(tiny_config, bias_update_rule=rule)
+    tiny_config = functools.partial(tiny_config, **rule_settings)
     uninterrupted = make_trainer(LossFreeMoeForCausalLM(tiny_config()), tmp_path / "a", train, **settings)
     callback = add_balancing_callback(uninterrupted)
     uninterrupted.train()

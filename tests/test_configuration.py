@@ -152,6 +152,8 @@ def test_head_dim_is_settable_like_deepseek_v3(tiny_config):
         ({"bias_update_stop_fraction": 1.5}, "bias_update_stop_fraction", "(0, 1]"),
         ({"bias_quantile_ema": 0.0}, "bias_quantile_ema", "(0, 1]"),
         ({"bias_update_momentum": 1.0}, "bias_update_momentum", "[0, 1)"),
+        ({"bias_update_rule": "quantile", "bias_quantile_anneal_steps": -1}, "bias_quantile_anneal_steps", ">= 0"),
+        ({"bias_quantile_anneal_steps": 10}, "bias_quantile_anneal_steps", "unless bias_update_rule='quantile'"),
     ],
 )
 def test_config_rejects_bad_rule_settings_naming_the_field(overrides, field, allowed):

@@ -1,6 +1,7 @@
-"""Counting: which router calls count, padding and padding-free masks, recomputation, measurements."""
+"""Counting: which router calls count, padding and padding-free masks, recomputation, measurements, threads."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -156,3 +157,114 @@ def test_a_deep_copy_of_the_model_leaves_the_balancer_and_its_process_group_alon
     assert balancer.loads.sum() == 0
     model(input_ids=input_ids, attention_mask=attention_mask)
     assert balancer.loads.sum(dim=-1).tolist() == [TOP_K * 8] * 2  # 8 real tokens, top-2, per layer
+
+
+class Stop:
+    """Stops the first forward of the thread named `thread_name` that reaches `module`, until `resume` is set.
+
+    On the first MoE layer: the model call has taken its padding mask, and no router of it has counted yet.
+    """
+
+    def __init__(self, module, thread_name: str):
+        self.thread_name = thread_name
+        self.inside, self.resume = threading.Event(), threading.Event()
+        module.register_forward_pre_hook(self._pause)
+
+    def _pause(self, module, args):
+        if threading.current_thread().name == self.thread_name and not self.inside.is_set():
+            self.inside.set()
+            assert self.resume.wait(timeout=60)
+
+
+def start_thread(name: str, target) -> tuple[threading.Thread, list[BaseException]]:
+    """`target` running in a thread named `name`, and the list that will hold what it raised."""
+    errors = []
+
+    def run():
+        try:
+            target()
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    return thread, errors
+
+
+def test_a_padded_training_forward_counts_its_own_tokens_while_another_thread_generates(model):
+    """Async rollouts: the trainer's padded forward stops inside the model, a sampling thread's generate() enters it
+    with a mask of its own and stops there too, and only then do the trainer's routers count: its 8 real tokens."""
+    balancer = LossFreeBalancer(model)
+    input_ids = torch.randint(3, 128, (2, 8))
+    attention_mask = torch.tensor([[1] * 6 + [0] * 2, [1] * 2 + [0] * 6])  # 8 real tokens of 16
+    with balancer.measure() as alone:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    assert alone.loads.sum(dim=-1).tolist() == [8 * TOP_K] * 2
+    prompt = torch.randint(3, 128, (2, 8))  # the same shape, unpadded: the sampler's mask would count all 16
+
+    trainer_stop, sampler_stop = Stop(model.model.layers[1], "trainer"), Stop(model.model.layers[1], "sampler")
+    trainer, errors = start_thread("trainer", lambda: model(input_ids=input_ids, attention_mask=attention_mask))
+    sampler = None
+    try:
+        assert trainer_stop.inside.wait(timeout=60)
+        sampler, sampler_errors = start_thread(
+            "sampler", lambda: model.generate(prompt, max_new_tokens=2, do_sample=False)
+        )
+        errors += sampler_errors
+        assert sampler_stop.inside.wait(timeout=60)
+        trainer_stop.resume.set()  # the trainer's routers count while the sampler is inside its own forward
+        trainer.join(timeout=60)
+    finally:
+        trainer_stop.resume.set()
+        sampler_stop.resume.set()
+        trainer.join()
+        if sampler is not None:
+            sampler.join()
+    assert not errors, errors
+    assert torch.equal(balancer.loads, alone.loads)
+
+
+def test_a_measurement_counts_only_the_forwards_of_its_own_thread(model):
+    """A measurement running in one thread neither takes another thread's training forwards nor counts them."""
+    balancer = LossFreeBalancer(model)
+    train_ids, measured_ids = torch.randint(3, 128, (2, 6)), torch.randint(3, 128, (1, 5))
+    with balancer.measure() as expected_measured:
+        model(input_ids=measured_ids)
+    with balancer.measure() as expected_train:
+        model(input_ids=train_ids)
+
+    stop = Stop(model.model.layers[1], "measurer")
+    measured = {}
+
+    def measure():
+        with balancer.measure() as measurement:
+            model(input_ids=measured_ids)
+        measured["loads"] = measurement.loads
+
+    measurer, errors = start_thread("measurer", measure)
+    try:
+        assert stop.inside.wait(timeout=60)
+        model(input_ids=train_ids)  # while the other thread's measurement counts
+    finally:
+        stop.resume.set()
+        measurer.join()
+    assert not errors, errors
+    assert torch.equal(measured["loads"], expected_measured.loads)
+    assert torch.equal(balancer.loads, expected_train.loads)
+
+
+def test_a_measurement_counts_the_worker_of_its_threads_generate_batch():
+    """Continuous batching decodes in a worker thread: its forwards belong to the thread that called generate_batch."""
+
+    class BatchGenerating(ToyModel):
+        def generate_batch(self, num_forwards):
+            worker = threading.Thread(target=lambda: [self() for _ in range(num_forwards)])
+            worker.start()
+            worker.join()
+
+    model = BatchGenerating(ToyRouter(torch.rand(6, 4), top_k=2)).eval()
+    balancer = LossFreeBalancer(model)
+    with balancer.measure() as measurement:
+        model.generate_batch(3)
+    assert measurement.loads.sum().item() == 3 * 6 * 2  # 3 forwards of 6 tokens, top-2
+    assert balancer.loads.sum() == 0

@@ -23,6 +23,7 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIGURATION_PAGE = ROOT / "docs" / "configuration.md"
 # The public callables whose arguments the docs spell out.
 DOCUMENTED_CALLABLES = {
+    "BalancingSettings": hf_lossfree_moe.BalancingSettings,
     "LossFreeBalancer": hf_lossfree_moe.LossFreeBalancer,
     "LossFreeBalancingCallback": hf_lossfree_moe.LossFreeBalancingCallback,
     "add_balancing_callback": hf_lossfree_moe.add_balancing_callback,
@@ -94,7 +95,7 @@ def documented_signatures() -> list:
 
 def test_the_docs_show_the_balancer_and_callback_signatures():
     shown = {name for name, _ in (param.values for param in documented_signatures())}
-    assert {"LossFreeBalancer", "LossFreeBalancingCallback"} <= shown
+    assert {"BalancingSettings", "LossFreeBalancer", "LossFreeBalancingCallback"} <= shown
 
 
 @pytest.mark.parametrize(("name", "shown"), documented_signatures())
@@ -139,13 +140,14 @@ def test_call_keywords_leave_out_nested_calls():
 
 
 def test_every_keyword_the_docs_pass_is_a_parameter():
-    """`LossFreeBalancer(model, total_steps=...)` in prose must name arguments the code takes."""
+    """`LossFreeBalancer(model, total_steps=...)` in prose must name arguments the code takes, the settings by their
+    current names: the earlier ones (`update_rate`, `rule`, ...) still work, and only the table of them names them."""
     unknown, checked = [], 0
     for document, text in documents_text().items():
         for call in CALL.finditer(text):
             parameters = set(inspect.signature(DOCUMENTED_CALLABLES[call.group(1)]).parameters)
             if "overrides" in parameters:  # the balancer's and the callback's settings, by keyword
-                parameters |= {field.name for field in fields(BalancingSettings)} | set(ALIASES)
+                parameters |= {field.name for field in fields(BalancingSettings)}
             keywords = call_keywords(text, call.end())
             checked += len(keywords)
             unknown += [
@@ -200,3 +202,10 @@ def test_every_local_link_and_named_file_exists():
             if not any(path.exists() for path in (ROOT / named, ROOT / "src" / named)):
                 broken.append(f"{document}: {named}")
     assert broken == []
+
+
+def test_the_table_of_earlier_keywords_maps_each_to_its_setting():
+    text = (ROOT / "docs" / "balancing.md").read_text(encoding="utf-8")
+    table = text[text.index("| earlier keyword |") :].split("\n\n")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `(\w+)` \|$", table, re.MULTILINE))
+    assert rows == ALIASES

@@ -385,7 +385,7 @@ def test_help_describes_the_script_and_lists_allowed_values(capsys):
     help_text = capsys.readouterr().out
     assert help_text.split("\n\n")[1].startswith("Train a LossFreeMoe causal LM")
     for flag, choices in [
-        ("load_balancing", "{loss_free,aux_loss,none}"),
+        ("load_balancing", "{loss_free,aux_loss,none,expert_choice}"),
         ("bias_update_rule", "{sign,error,quantile,smebu}"),
         ("bias_type", "{additive,multiplicative}"),
         ("scoring_func", "{sigmoid,softmax}"),

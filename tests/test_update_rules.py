@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_lossfree_moe.update_rules import UpdateSchedule, quantile_candidate, rule_update
+from hf_lossfree_moe.update_rules import UpdateSchedule, quantile_candidate, quantile_weight, rule_update
 
 
 # Four tokens, four experts, top-1: each expert's share is ceil(4 * 1 / 4) = 1 token.
@@ -90,6 +90,15 @@ def test_quantile_update_by_hand():
     biases = torch.tensor([[0.1, 0.0, 0.0, -0.1]])
     delta = rule_update("quantile", torch.ones(1, 4), biases, 0.25, candidates=candidates)
     torch.testing.assert_close(delta[0].float(), 0.25 * torch.tensor([0.1, 0.0, -0.2, 0.1]))
+
+
+def test_annealed_quantile_weight_at_its_boundaries():
+    # A = 4, floor 0.1: 1 through update 4 (update 1 is the warm start), then 4 / n down to the floor at n = 40
+    assert [quantile_weight(n, 0.1, anneal_steps=4) for n in (1, 4, 5, 8, 39)] == [1.0, 1.0, 0.8, 0.5, 4 / 39]
+    assert [quantile_weight(n, 0.1, anneal_steps=4) for n in (40, 41, 10**6)] == [0.1, 0.1, 0.1]
+    assert [quantile_weight(n, 0.2) for n in (1, 10**6)] == [0.2, 0.2]  # A = 0: the constant weight
+    with pytest.raises(ValueError, match="update must be an integer >= 1"):
+        quantile_weight(0, 0.1, anneal_steps=4)
 
 
 def test_schedules_at_their_boundaries():

@@ -16,7 +16,14 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from .bias_storage import BiasStorage
-from .bias_update import BiasUpdate, bias_statistics, load_statistics, sum_over_ranks, warn_nothing_counted
+from .bias_update import (
+    BiasUpdate,
+    bias_statistics,
+    load_statistics,
+    sum_over_ranks,
+    warn_non_finite,
+    warn_nothing_counted,
+)
 from .counting import LoadMeasurement, TokenCounter, stack_rows
 from .load_groups import LoadSum
 from .routers import BIAS_NAME, FoundRouter, find_routers, layer_numbers, scoring_function
@@ -93,13 +100,16 @@ class LossFreeBalancer:
     ):
         model = extract_model_from_parallel(model, keep_torch_compile=False)
         requested = BalancingSettings.of(settings, **overrides)
-        self.settings = requested.resolved(getattr(model, "config", None))
+        self._settings = requested.resolved(getattr(model, "config", None))
         self.model = model
         found = find_routers(model)
         # Before any check that may fail on one pipeline stage only: this is a collective there.
         self._load_sum = LoadSum(model, [router.name for router in found], process_group)
         self.process_group = self._load_sum.group
         self.num_experts = _check_routers(model, found, self.settings.bias_update_rule)
+        self._settings.add_assignment_check(
+            lambda name, value: _check_quantile_scores(found, value) if name == "bias_update_rule" else None
+        )
         if not found[0].has_bias:
             _check_measure_only(model, requested)
             self.frozen = True
@@ -119,6 +129,12 @@ class LossFreeBalancer:
             bias=self._storage.bias,
             collects_candidates=lambda: self.rule == "quantile" and self.updates_biases,
         )
+
+    @property
+    def settings(self) -> BalancingSettings:
+        """The balancer's settings, resolved for its model; set its fields (checked like the constructor's
+        arguments), not the object."""
+        return self._settings
 
     @property
     def routers(self) -> list[nn.Module]:
@@ -168,6 +184,8 @@ class LossFreeBalancer:
 
     @completed_steps.setter
     def completed_steps(self, value: int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"completed_steps must be an integer >= 0, got {value!r}.")
         self._update.completed_steps = value
 
     def biases(self) -> torch.Tensor:
@@ -184,7 +202,9 @@ class LossFreeBalancer:
         the same update and the biases stay identical. Each movable layer's bias then takes the step of the rule
         (see update_rules.py and docs/balancing_rules.md), scaled by the schedule's factor, in fp32 and in place (the
         module keeps the same tensor, so checkpoints and optimizers see it). A multiplicative bias gets the same
-        additive step, from its neutral value 1. A layer that counted no token is left unchanged.
+        additive step, from its neutral value 1. A layer that counted no token is left unchanged, and so is a layer
+        whose router scored a NaN or an infinity during the step, with one warning naming the layers and the step:
+        no rule writes a non-finite value into a bias or into the state it keeps between steps.
 
         Returns:
             Plain floats: `maxvio_batch` (mean over layers that received tokens), `maxvio_batch/layer_{i}` (i is
@@ -198,22 +218,29 @@ class LossFreeBalancer:
             `compute_layer_spread_metrics`). Routers without a bias get no `bias_abs_*` entry.
         """
         quantile = self.rule == "quantile"
-        loads, candidates, ran_in_eval_mode = self._counter.take_step(self.device, with_candidates=quantile)
-        loads, candidates, counted = sum_over_ranks(loads, candidates, self._all_reduce)  # (L, E), (L, E), (L,)
+        loads, non_finite, candidates, ran_in_eval_mode = self._counter.take_step(self.device, quantile)
+        loads, candidates, counted, non_finite = sum_over_ranks(loads, non_finite, candidates, self._all_reduce)
         factor = self._update.next_factor(self.updates_biases)
         stats = load_statistics(loads, self.layers, factor)
         any_counted = bool(loads.sum() > 0)
         if not any_counted:
             warn_nothing_counted(self.attached, ran_in_eval_mode, stacklevel=2)
-        updated = []
+        updated, skipped = [], []
         if any_counted and factor > 0:
             movable = counted & ~self._frozen_routers()  # (L,)
-            updated = movable.nonzero().flatten().tolist()
-            if updated:
-                current = stack_rows([self._storage.bias(i) for i in updated], torch.device("cpu"), torch.float64)
-                deltas = self._update.deltas(loads[movable], current, factor, movable, candidates)  # (L', E) fp64
-                self._storage.add_(updated, deltas, stacklevel=2)
-                self._storage.warn_if_left_out_of_adapter(updated, stacklevel=2)
+            skipped = (movable & non_finite).nonzero().flatten().tolist()
+            movable &= ~non_finite
+            rows = movable.nonzero().flatten().tolist()
+            if rows:
+                current = stack_rows([self._storage.bias(i) for i in rows], torch.device("cpu"), torch.float64)
+                deltas, finite = self._update.deltas(loads[movable], current, factor, movable, candidates)  # (L', E)
+                updated = [index for index, ok in zip(rows, finite.tolist(), strict=True) if ok]
+                skipped = sorted(skipped + [index for index in rows if index not in updated])
+                if updated:
+                    self._storage.add_(updated, deltas[finite], stacklevel=2)
+                    self._storage.warn_if_left_out_of_adapter(updated, stacklevel=2)
+        if skipped:
+            warn_non_finite(self.completed_steps, [self.layers[index] for index in skipped], stacklevel=2)
         if self._routers[0].has_bias:
             stats.update(bias_statistics(self.biases(), self.bias_type, bool(updated)))
         else:
@@ -270,15 +297,21 @@ def _check_routers(model: nn.Module, found: list[FoundRouter], rule: str) -> int
     num_experts = {r.num_experts for r in found}
     if len(num_experts) != 1:
         raise ValueError(f"Every router must have the same number of experts, got {sorted(num_experts)}.")
-    if rule == "quantile":
-        unreadable = [r for r in found if r.adapter.scores is None and scoring_function(r.module) is None]
-        if unreadable:
-            raise ValueError(
-                f"bias_update_rule='quantile' needs the routers' scores, but {unreadable[0].name} "
-                f"({type(unreadable[0].module).__name__}) names a scoring function other than sigmoid or softmax. "
-                "Give its `RouterAdapter` a `scores` function, or choose another bias_update_rule."
-            )
+    _check_quantile_scores(found, rule)
     return num_experts.pop()
+
+
+def _check_quantile_scores(found: list[FoundRouter], rule: str) -> None:
+    """`ValueError` when `rule` is Quantile Balancing and a router's scores cannot be read."""
+    if rule != "quantile":
+        return
+    unreadable = [r for r in found if r.adapter.scores is None and scoring_function(r.module) is None]
+    if unreadable:
+        raise ValueError(
+            f"bias_update_rule='quantile' needs the routers' scores, but {unreadable[0].name} "
+            f"({type(unreadable[0].module).__name__}) names a scoring function other than sigmoid or softmax. "
+            "Give its `RouterAdapter` a `scores` function, or choose another bias_update_rule."
+        )
 
 
 def _check_measure_only(model: nn.Module, requested: BalancingSettings):

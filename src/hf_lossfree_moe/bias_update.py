@@ -3,7 +3,9 @@
 The rules themselves are pure functions in update_rules.py; this module holds what they need between steps (the
 count of updates the schedule reads, the SMEBU momentum) and turns one step's global loads into fp64 updates of the
 layers that may move. Counts are int64 until here, so they are finite, and a layer that counted no token is left
-out: nothing non-finite can reach a bias.
+out. A layer whose router scored a NaN or an infinity during the step (on any rank) is left out too, with a warning:
+its routing, its counts and Quantile Balancing's candidates came from garbage. Any update or momentum that still
+comes out non-finite is dropped the same way, so nothing non-finite reaches a bias or the state between steps.
 """
 
 import warnings
@@ -14,7 +16,7 @@ import torch
 from .balance_metrics import compute_layer_spread_metrics, compute_load_metrics, compute_maxvio
 from .bias_storage import NEUTRAL_BIAS
 from .settings import BalancingSettings
-from .update_rules import rule_update
+from .update_rules import quantile_weight, rule_update
 
 
 class BiasUpdate:
@@ -44,14 +46,21 @@ class BiasUpdate:
         factor: float,
         movable: torch.Tensor,
         candidates: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """(L, E) fp64 update of the `movable` layers (an (routers,) mask), each of which received tokens.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, E) fp64 update of the `movable` layers (an (routers,) mask), each of which received tokens, and (L,)
+        whether each update is finite; a layer whose update or momentum is not keeps its momentum.
 
         `loads`, `biases` and `candidates` hold the rows of those layers. The schedule's factor multiplies u (for
-        `"quantile"`, the EMA weight); `center=True` then subtracts the mean of each layer's update.
+        `"quantile"`, the EMA weight of this update, annealed with `bias_quantile_anneal_steps`); `center=True` then
+        subtracts the mean of each layer's update.
         """
         settings = self.settings
-        rate = settings.bias_quantile_ema if settings.bias_update_rule == "quantile" else settings.bias_update_rate
+        if settings.bias_update_rule == "quantile":
+            rate = quantile_weight(
+                self.completed_steps, settings.bias_quantile_ema, settings.bias_quantile_anneal_steps
+            )
+        else:
+            rate = settings.bias_update_rate
         state = self.momentum_state[movable]
         delta = rule_update(
             settings.bias_update_rule,
@@ -62,10 +71,12 @@ class BiasUpdate:
             momentum=settings.bias_update_momentum,
             candidates=None if candidates is None else candidates[movable],
         )
-        self.momentum_state[movable] = state
         if settings.center:
             delta = delta - delta.mean(dim=-1, keepdim=True)
-        return delta
+        finite = torch.isfinite(delta).all(dim=-1) & torch.isfinite(state).all(dim=-1)  # (L,)
+        rows = movable.nonzero().flatten()
+        self.momentum_state[rows[finite]] = state[finite]
+        return delta, finite
 
     def state_dict(self) -> dict:
         return {"completed_steps": self.completed_steps, "momentum": self.momentum_state.tolist()}
@@ -83,28 +94,34 @@ class BiasUpdate:
 
 def sum_over_ranks(
     loads: torch.Tensor,
+    non_finite: torch.Tensor,
     candidates: tuple[torch.Tensor, torch.Tensor] | None,
     all_reduce: Callable[[torch.Tensor], None],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The step's global (L, E) int64 loads on the CPU, Quantile Balancing's mean candidates (L, E) fp64 (None without
-    candidates) and which layers (L,) counted tokens, from this rank's loads and its candidate `(sums, calls)`.
+    candidates), which layers (L,) counted tokens and which (L,) saw non-finite scores on some rank, from this rank's
+    loads, its (L, 1) numbers of non-finite calls and its candidate `(sums, calls)`.
 
-    One collective: with candidates, loads, sums and numbers of calls travel together in fp64 (exact for counts below
-    2**53), and the mean is taken over router calls and ranks.
+    One collective: loads and non-finite calls travel together, with candidates also sums and numbers of calls, in
+    fp64 (exact for counts below 2**53; a NaN candidate sum stays in its own column). Candidates are averaged over
+    router calls and ranks.
     """
-    if candidates is None:
-        all_reduce(loads)
-        loads = loads.cpu()
-        return loads, None, loads.sum(dim=-1) > 0
-    sums, calls = candidates
     num_experts = loads.size(-1)
-    gathered = torch.cat([loads.double(), sums, calls], dim=-1)  # (L, 2E + 1)
+    if candidates is None:
+        gathered = torch.cat([loads, non_finite], dim=-1)  # (L, E + 1) int64
+        all_reduce(gathered)
+        gathered = gathered.cpu()
+        loads, non_finite = gathered[:, :num_experts], gathered[:, -1] > 0
+        return loads, None, loads.sum(dim=-1) > 0, non_finite
+    sums, calls = candidates
+    gathered = torch.cat([loads.double(), non_finite.double(), sums, calls], dim=-1)  # (L, 2E + 2)
     all_reduce(gathered)
     gathered = gathered.cpu()
     loads = gathered[:, :num_experts].round().long()
-    sums, calls = gathered[:, num_experts:-1], gathered[:, -1:]
+    non_finite = gathered[:, num_experts] > 0
+    sums, calls = gathered[:, num_experts + 1 : -1], gathered[:, -1:]
     counted = (loads.sum(dim=-1) > 0) & (calls.squeeze(-1) > 0)
-    return loads, sums / calls.clamp(min=1), counted
+    return loads, sums / calls.clamp(min=1), counted, non_finite
 
 
 def load_statistics(loads: torch.Tensor, layers: list[int], factor: float) -> dict[str, float]:
@@ -127,6 +144,16 @@ def bias_statistics(biases: torch.Tensor, bias_type: str, updated: bool) -> dict
     }
 
 
+def warn_non_finite(step: int, layers: list[int], stacklevel: int = 2):
+    """Say which layers kept their bias at optimizer step `step` because of non-finite scores or updates."""
+    warnings.warn(
+        f"LossFreeBalancer.step() {step}: the router scores of layer(s) {', '.join(map(str, layers))} held NaN or "
+        "infinite values (check the inputs and activations of this step), so their biases, and their momentum, were "
+        "left as they were for this step.",
+        stacklevel=stacklevel + 1,
+    )
+
+
 def warn_nothing_counted(attached: bool, ran_in_eval_mode: bool, stacklevel: int = 2):
     """Say that a step counted no token, and the likely reason."""
     reason = (
@@ -143,4 +170,11 @@ def warn_nothing_counted(attached: bool, ran_in_eval_mode: bool, stacklevel: int
     )
 
 
-__all__ = ["BiasUpdate", "bias_statistics", "load_statistics", "sum_over_ranks", "warn_nothing_counted"]
+__all__ = [
+    "BiasUpdate",
+    "bias_statistics",
+    "load_statistics",
+    "sum_over_ranks",
+    "warn_non_finite",
+    "warn_nothing_counted",
+]

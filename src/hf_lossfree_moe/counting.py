@@ -6,9 +6,15 @@ tokens where the call's 2-D `attention_mask` is 0 or, without a mask, the traili
 Counts are exact int64 tensors on each router's device, held here and never in module buffers: DDP broadcasts module
 buffers from rank 0 before every forward and would overwrite rank-local counts. `LoadMeasurement` counts forwards
 apart from the training counts, e.g. over a validation set.
+
+What a forward counts depends only on its own thread: each thread has its own stack of padding masks, generation
+calls and measurements, so a sampling thread's `generate()` (async RL) never lends its mask to, hides, or takes the
+training forwards of the trainer's thread. A training call whose router scores hold a NaN or an infinity is recorded
+per router, so that `step()` leaves that layer's bias alone instead of updating it from garbage routing.
 """
 
 import inspect
+import threading
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,7 +47,8 @@ def stack_rows(tensors: list[torch.Tensor], device: torch.device, dtype: torch.d
 
 
 class ExpertCounts:
-    """Exact token counts per router and expert: int64, on each router's device.
+    """Exact token counts per router and expert: int64, on each router's device, with the number of the router's
+    calls whose scores were not all finite.
 
     They exist from the start, so a compiled model does not recompile when the first count arrives.
     """
@@ -49,10 +56,15 @@ class ExpertCounts:
     def __init__(self, devices: list[torch.device], num_experts: int):
         self.num_experts = num_experts
         # A router still on the meta device (weights not loaded yet) gets its counts on the CPU until it moves.
-        self._counts = [
-            torch.zeros(num_experts, dtype=torch.int64, device="cpu" if device.type == "meta" else device)
-            for device in devices
-        ]
+        devices = [torch.device("cpu") if device.type == "meta" else device for device in devices]
+        self._counts = [torch.zeros(num_experts, dtype=torch.int64, device=device) for device in devices]
+        self._non_finite = [torch.zeros(1, dtype=torch.int64, device=device) for device in devices]
+
+    def add_non_finite(self, index: int, scores: torch.Tensor):
+        """Count one call of router `index` as non-finite when its `scores` hold a NaN or an infinity (no sync)."""
+        non_finite = self._non_finite[index].to(scores.device)
+        # Detached: under activation checkpointing, autograd must save nothing here that the recomputation would not.
+        self._non_finite[index] = non_finite.add_((~torch.isfinite(scores.detach())).any().long())
 
     def add(self, index: int, topk_indices: torch.Tensor, token_mask: torch.Tensor | None):
         """Count the `(T, K)` expert indices of one router call; `token_mask` (T,) int64 is 0 for padding."""
@@ -67,8 +79,12 @@ class ExpertCounts:
         """(routers, experts) copy of the counts on `device`."""
         return stack_rows(self._counts, device)
 
+    def non_finite_calls(self, device: torch.device) -> torch.Tensor:
+        """(routers, 1) int64: the calls of each router whose scores were not all finite."""
+        return stack_rows(self._non_finite, device)
+
     def reset(self):
-        torch._foreach_zero_(self._counts)
+        torch._foreach_zero_(self._counts + self._non_finite)
 
 
 class QuantileCandidates:
@@ -101,10 +117,12 @@ class QuantileCandidates:
 class LoadMeasurement:
     """Expert loads of forwards counted apart from the training loads, e.g. over a validation set.
 
-    Made by `LossFreeBalancer.measure()`. Inside the `with` block every router forward is counted here and not
-    toward the next `step()`; with `eval_only=True` only forwards of routers in eval mode are, and training forwards
-    keep counting toward `step()`. Under `torch.distributed` every rank must leave the block (or call `stop()`):
-    the counts are summed over the balancer's process group there, so `loads` are the global loads.
+    Made by `LossFreeBalancer.measure()`. Inside the `with` block every router forward of the thread that started it
+    (and of the workers of its `generate_batch` calls) is counted here and not toward the next `step()`; with
+    `eval_only=True` only forwards of routers in eval mode are, and training forwards keep counting toward `step()`.
+    Other threads' forwards count as if no measurement were running. Under `torch.distributed` every rank must leave
+    the block (or call `stop()`): the counts are summed over the balancer's process group there, so `loads` are the
+    global loads.
 
     Example:
 
@@ -121,6 +139,7 @@ class LoadMeasurement:
         self.eval_only = eval_only
         self._counts = ExpertCounts(balancer._storage.devices(), balancer.num_experts)
         self._loads: torch.Tensor | None = None
+        self.thread: threading.Thread | None = None  # the thread whose forwards it counts, once started
 
     def start(self) -> "LoadMeasurement":
         """Start counting (what `with` does on entry)."""
@@ -139,9 +158,9 @@ class LoadMeasurement:
         """Forget what was counted so far (no collective)."""
         self._counts.reset()
 
-    def accepts(self, router_training: bool) -> bool:
-        """Whether a forward of a router in this training mode is counted here."""
-        return not (self.eval_only and router_training)
+    def accepts(self, router_training: bool, thread: threading.Thread | None) -> bool:
+        """Whether a forward of a router in this training mode, run for `thread` (None: any), is counted here."""
+        return not (self.eval_only and router_training) and (thread is None or thread is self.thread)
 
     def __enter__(self) -> "LoadMeasurement":
         return self.start()
@@ -196,7 +215,7 @@ class TokenCounter:
         self.candidates = QuantileCandidates(len(routers), num_experts)
         self.measurements: list[LoadMeasurement] = []
         self.uncounted_eval_forwards = False  # since the last step(): eval-mode router calls no measurement took
-        self._masks: list[torch.Tensor | None] = []
+        self._local = threading.local()  # .masks: this thread's stack of model calls' padding masks
         self._argument_positions = {
             name: _argument_position(model, name) for name in ("attention_mask", "input_ids", "position_ids", "labels")
         }
@@ -232,19 +251,22 @@ class TokenCounter:
 
     def take_step(
         self, device: torch.device, with_candidates: bool
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, bool]:
-        """This rank's (routers, experts) counts since the last step, the `(sums, calls)` of Quantile Balancing's
-        candidates when asked for, and whether eval-mode forwards went uncounted; counting then restarts."""
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, bool]:
+        """This rank's (routers, experts) counts since the last step, its (routers, 1) numbers of calls with
+        non-finite scores, the `(sums, calls)` of Quantile Balancing's candidates when asked for, and whether
+        eval-mode forwards went uncounted; counting then restarts."""
         loads = self.train_counts.stacked(device)
+        non_finite = self.train_counts.non_finite_calls(device)
         self.train_counts.reset()
         candidates = self.candidates.stacked(device) if with_candidates else None
         self.candidates.reset()
         ran_in_eval_mode, self.uncounted_eval_forwards = self.uncounted_eval_forwards, False
-        return loads, candidates, ran_in_eval_mode
+        return loads, non_finite, candidates, ran_in_eval_mode
 
     def start_measurement(self, measurement: LoadMeasurement):
         if measurement in self.measurements:
             raise ValueError("This measurement is already counting.")
+        measurement.thread = threading.current_thread()
         self.measurements.append(measurement)
 
     def stop_measurement(self, measurement: LoadMeasurement):
@@ -263,6 +285,11 @@ class TokenCounter:
         if mask is None:
             mask = self._padding_free_mask(args, kwargs)
         self._masks.append(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+
+    @property
+    def _masks(self) -> list[torch.Tensor | None]:
+        """This thread's padding masks of the model calls in progress, innermost last."""
+        return self._local.__dict__.setdefault("masks", [])
 
     def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
         """The value of the model call's argument `name`, passed by keyword or by position."""
@@ -328,7 +355,9 @@ class TokenCounter:
         topk_indices = router.adapter.topk_indices(router.module, output)  # (T, K)
         if self._recomputing():
             return
-        sinks = [m._counts for m in self.measurements if m.accepts(router.module.training)]
+        # A graph cannot ask which thread runs it: compiled, every measurement in progress counts.
+        thread = None if torch.compiler.is_compiling() else self._generation.calling_thread()
+        sinks = [m._counts for m in self.measurements if m.accepts(router.module.training, thread)]
         if not sinks and router.module.training and not self._generation.active:
             sinks = [self.train_counts]
         if not sinks:
@@ -337,11 +366,25 @@ class TokenCounter:
         token_mask = self._token_mask(topk_indices.size(0), topk_indices.device)
         for counts in sinks:
             counts.add(index, topk_indices, token_mask)
-        if self.train_counts in sinks and self._collects_candidates():
+        if self.train_counts not in sinks:
+            return
+        scores = _routing_scores(router, output)
+        if scores is not None:
+            self.train_counts.add_non_finite(index, scores)
+        if self._collects_candidates():
             bias = self._bias(index).reshape(-1)
             candidate = quantile_candidate(read_scores(router, output), bias, topk_indices.size(-1), token_mask)
             if candidate is not None:
                 self.candidates.add(index, candidate)
+
+
+def _routing_scores(router: FoundRouter, output: Any) -> torch.Tensor | None:
+    """What the router selected on, to check for NaN and infinity: its adapter's scores, else its logits (the first
+    output; an infinite logit is a finite sigmoid score but no sound routing); None when it returns neither."""
+    if router.adapter.scores is not None:
+        return router.adapter.scores(router.module, output)
+    logits = output[0] if isinstance(output, (tuple, list)) and output else output
+    return logits if isinstance(logits, torch.Tensor) and logits.is_floating_point() else None
 
 
 def _argument_position(model: nn.Module, name: str) -> int | None:

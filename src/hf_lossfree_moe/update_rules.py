@@ -16,6 +16,10 @@ the router's scores there and then, so that no score matrix outlives its forward
   received exactly its share. The candidate bias `-beta` is averaged over the router calls of the step (and the
   ranks), re-centred to mean 0 and blended in: `b += w * (candidate - b)`, with w the EMA weight (1: replace).
 
+With `anneal_steps` A > 0 Quantile Balancing's weight anneals: 1 for the first A updates (so the first is a warm start,
+the bias set from the first batch's quantiles), then `A / n` at update n, which averages the candidates over a window
+that grows with training, and never below the weight given (see `quantile_weight`).
+
 A schedule scales the step of every rule (u, or w for `"quantile"`) by a factor in [0, 1] that depends on the
 number n = 1, 2, ... of the update being applied and on the total number of optimizer steps N.
 """
@@ -89,6 +93,21 @@ def check_total_steps(total_steps) -> None:
         )
 
 
+def quantile_weight(update: int, ema: float, anneal_steps: int = 0) -> float:
+    """Weight w of the new candidate at Quantile Balancing's update number `update` (1-based).
+
+    With `anneal_steps` A = 0, the constant `ema`. With A > 0, `max(ema, min(1, A / update))`: each of the first A
+    updates replaces the bias by its step's candidate, tracking the fast early drift of the router's scores, and the
+    weight then falls as 1 / n, an average over the last ~n / A steps, so the per-batch noise of the quantiles shrinks
+    as training settles; `ema` is the floor.
+    """
+    if isinstance(update, bool) or not isinstance(update, int) or update < 1:
+        raise ValueError(f"update must be an integer >= 1, got {update!r}.")
+    if anneal_steps == 0:
+        return ema
+    return max(ema, min(1.0, anneal_steps / update))
+
+
 @torch.no_grad()
 def quantile_candidate(
     scores: torch.Tensor, bias: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
@@ -160,5 +179,6 @@ __all__ = [
     "UpdateSchedule",
     "check_total_steps",
     "quantile_candidate",
+    "quantile_weight",
     "rule_update",
 ]
