@@ -1,5 +1,6 @@
 import functools
 import glob
+import threading
 import warnings
 
 import pytest
@@ -161,6 +162,20 @@ def test_evaluate_before_training_and_predict(tiny_config, tmp_path):
     prediction = trainer.predict(validation)
     assert prediction.metrics["test_maxvio_global"] == pytest.approx(metrics["eval_maxvio_global"])
     assert torch.equal(callback.balancer.biases(), torch.zeros(2, 8))
+
+
+def test_an_evaluation_in_another_thread_than_the_trainers_is_measured(tiny_config, tmp_path):
+    """Measurements count their own thread's forwards; the callback's evaluation measurement counts every thread's."""
+    model = LossFreeMoeForCausalLM(tiny_config())
+    validation = padded_examples(5, seed=3)
+    trainer = make_trainer(model, tmp_path, None, validation)
+    callback = add_balancing_callback(trainer)
+    results = {}
+    evaluator = threading.Thread(target=lambda: results.update(trainer.evaluate()))
+    evaluator.start()
+    evaluator.join()
+    assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
+    assert results["eval_maxvio_global"] == pytest.approx(compute_maxvio(callback.last_eval_loads).mean)
 
 
 @pytest.mark.parametrize(

@@ -253,6 +253,17 @@ def test_a_measurement_counts_only_the_forwards_of_its_own_thread(model):
     assert torch.equal(balancer.loads, expected_train.loads)
 
 
+def test_a_measurement_of_all_threads_counts_another_threads_forward(model):
+    balancer = LossFreeBalancer(model)
+    input_ids = torch.randint(3, 128, (2, 6))
+    with balancer.measure(all_threads=True) as measurement:
+        other = threading.Thread(target=lambda: model(input_ids=input_ids))
+        other.start()
+        other.join()
+    assert measurement.loads.sum(dim=-1).tolist() == [12 * TOP_K] * 2  # 12 tokens, top-2
+    assert balancer.loads.sum() == 0
+
+
 def test_a_measurement_counts_the_worker_of_its_threads_generate_batch():
     """Continuous batching decodes in a worker thread: its forwards belong to the thread that called generate_batch."""
 

@@ -241,7 +241,7 @@ def test_ablation_selection():
     comparisons = select_comparisons(["all"])
     assert [c.name for c in comparisons] == ["main", *ABLATIONS]
     names = [method.name for method in methods_of(comparisons)]
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 16
     assert [c.name for c in select_comparisons(["rule", "rule"])] == ["main", "rule"]
     assert [c.name for c in select_comparisons(["softmax,rule"])] == ["main", "softmax", "rule"]
     assert [c.name for c in select_comparisons([])] == ["main"]

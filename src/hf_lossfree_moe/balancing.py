@@ -247,11 +247,13 @@ class LossFreeBalancer:
             stats["bias_updated"] = 0.0
         return stats
 
-    def measure(self, eval_only: bool = False) -> LoadMeasurement:
-        """A `LoadMeasurement` to use as a context manager: loads counted apart, training counts untouched."""
-        if not isinstance(eval_only, bool):
-            raise ValueError(f"eval_only must be True or False, got {eval_only!r}.")
-        return LoadMeasurement(self, eval_only)
+    def measure(self, eval_only: bool = False, all_threads: bool = False) -> LoadMeasurement:
+        """A `LoadMeasurement` to use as a context manager: loads counted apart, training counts untouched. It
+        counts the forwards of the thread that starts it, or of every thread with `all_threads=True`."""
+        for name, value in (("eval_only", eval_only), ("all_threads", all_threads)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+        return LoadMeasurement(self, eval_only, all_threads)
 
     def remove(self):
         """Detach every hook; the model is left as if the balancer had never been attached."""

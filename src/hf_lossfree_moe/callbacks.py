@@ -122,7 +122,8 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
             self.balancer.remove()
         self.balancer = LossFreeBalancer(model, self.settings, process_group=self.process_group)
         self._attached_to = model
-        self._eval_measurement = self.balancer.measure(eval_only=True).start()
+        # Every thread's: an evaluation may run in another thread than the one that built the Trainer.
+        self._eval_measurement = self.balancer.measure(eval_only=True, all_threads=True).start()
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         self._move_ahead_of_reporters(args)
@@ -251,7 +252,7 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         """`{prefix}_maxvio_global` (+ per layer) and the load figures of the evaluation that just ended; counting restarts."""
         self._evaluating = False
         loads = self._eval_measurement.stop().loads
-        self._eval_measurement = self.balancer.measure(eval_only=True).start()
+        self._eval_measurement = self.balancer.measure(eval_only=True, all_threads=True).start()
         prefix = next((key[: -len("_runtime")] for key in metrics if key.endswith("_runtime")), "eval")
         if self._evaluation_incomplete:
             self._evaluation_incomplete = False

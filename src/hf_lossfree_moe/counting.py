@@ -120,7 +120,7 @@ class LoadMeasurement:
     Made by `LossFreeBalancer.measure()`. Inside the `with` block every router forward of the thread that started it
     (and of the workers of its `generate_batch` calls) is counted here and not toward the next `step()`; with
     `eval_only=True` only forwards of routers in eval mode are, and training forwards keep counting toward `step()`.
-    Other threads' forwards count as if no measurement were running. Under `torch.distributed` every rank must leave
+    Other threads' forwards count as if no measurement were running, unless `all_threads=True`. Under `torch.distributed` every rank must leave
     the block (or call `stop()`): the counts are summed over the balancer's process group there, so `loads` are the
     global loads.
 
@@ -134,12 +134,13 @@ class LoadMeasurement:
     ```
     """
 
-    def __init__(self, balancer: "LossFreeBalancer", eval_only: bool):
+    def __init__(self, balancer: "LossFreeBalancer", eval_only: bool, all_threads: bool = False):
         self.balancer = balancer
         self.eval_only = eval_only
+        self.all_threads = all_threads
         self._counts = ExpertCounts(balancer._storage.devices(), balancer.num_experts)
         self._loads: torch.Tensor | None = None
-        self.thread: threading.Thread | None = None  # the thread whose forwards it counts, once started
+        self.thread: threading.Thread | None = None  # the thread whose forwards it counts, once started; None: all
 
     def start(self) -> "LoadMeasurement":
         """Start counting (what `with` does on entry)."""
@@ -160,7 +161,7 @@ class LoadMeasurement:
 
     def accepts(self, router_training: bool, thread: threading.Thread | None) -> bool:
         """Whether a forward of a router in this training mode, run for `thread` (None: any), is counted here."""
-        return not (self.eval_only and router_training) and (thread is None or thread is self.thread)
+        return not (self.eval_only and router_training) and (thread is None or self.thread in (None, thread))
 
     def __enter__(self) -> "LoadMeasurement":
         return self.start()
@@ -266,7 +267,7 @@ class TokenCounter:
     def start_measurement(self, measurement: LoadMeasurement):
         if measurement in self.measurements:
             raise ValueError("This measurement is already counting.")
-        measurement.thread = threading.current_thread()
+        measurement.thread = None if measurement.all_threads else threading.current_thread()
         self.measurements.append(measurement)
 
     def stop_measurement(self, measurement: LoadMeasurement):
