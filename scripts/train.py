@@ -541,7 +541,7 @@ def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training
     """Train, evaluate, save model, state, routing history, plots and card; returns the evaluation metrics."""
     from transformers import ProgressCallback, Trainer, default_data_collator
 
-    from hf_lossfree_moe import add_balancing_callback, export_to_glm4_moe
+    from hf_lossfree_moe import LossFreeBalancingCallback, add_balancing_callback, export_to_glm4_moe
     from hf_lossfree_moe.console import CompactProgressCallback
     from hf_lossfree_moe.plotting import RoutingHistoryRecorder
 
@@ -563,7 +563,7 @@ def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training
     if not training_args.disable_tqdm:  # one short line per log under the progress bar, not every per-layer figure
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(CompactProgressCallback)
-    balancing = add_balancing_callback(trainer)
+    balancing = add_balancing_callback(trainer, LossFreeBalancingCallback(report=False))  # the recorder below reports
     recorder = RoutingHistoryRecorder(balancing, job.history)
     trainer.add_callback(recorder)
     balancing.add_checkpoint_file(RUN_RECORD_FILE, job.record.save_at)

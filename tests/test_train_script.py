@@ -159,6 +159,8 @@ def test_every_output_numbers_layers_as_model_layers(trained):
     ]
     evaluation = json.loads((output_dir / "eval_results.json").read_text())
     assert sorted(key for key in evaluation if "/layer_" in key) == [
+        "eval_effective_expert_fraction/layer_1",
+        "eval_effective_expert_fraction/layer_2",
         "eval_maxvio_global/layer_1",
         "eval_maxvio_global/layer_2",
     ]

@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from hf_lossfree_moe import (
     LossFreeBalancer,
+    LossFreeBalancingCallback,
     LossFreeMoeConfig,
     LossFreeMoeForCausalLM,
     add_balancing_callback,
@@ -338,7 +339,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = Trainer(model=model, args=training_arguments(spec, output_dir), train_dataset=spec.blocks["train"])
         trainer.remove_callback(PrinterCallback)
-        balancer = add_balancing_callback(trainer).balancer
+        balancer = add_balancing_callback(trainer, LossFreeBalancingCallback(report=False)).balancer
         trainer.train()
     steps = [log for log in trainer.state.log_history if "maxvio_batch" in log]
     if len(steps) != spec.scale.max_steps:

@@ -40,6 +40,8 @@ _LAZY_NAMES = {
     "RouterAdapter": "routers",
     "RouterLocation": "routers",
     "register_router_adapter": "routers",
+    "add_selection_bias": "selection_bias",
+    "with_selection_bias": "selection_bias",
 }
 _registration_lock = threading.Lock()
 _models_registered = False
@@ -101,7 +103,9 @@ __all__ = [
     "RouterAdapter",
     "RouterLocation",
     "add_balancing_callback",
+    "add_selection_bias",
     "compute_maxvio",
     "export_to_glm4_moe",
     "register_router_adapter",
+    "with_selection_bias",
 ]

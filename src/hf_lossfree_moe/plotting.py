@@ -210,15 +210,22 @@ def draw_run_plots(run_dir: str | Path) -> list[Path]:
         if not (run_dir / name).is_file():
             raise ValueError(f"{run_dir} holds no {name}; is it the output folder of a finished training run?")
     log_history = json.loads((run_dir / TRAINER_STATE_FILE).read_text(encoding="utf-8"))["log_history"]
-    history = RoutingHistory.load(run_dir / ROUTING_HISTORY_FILE)
-    paths = [
-        plot_maxvio_batch(log_history, history.router_names, run_dir / MAXVIO_PLOT, history.layers),
-        plot_bias_trajectories(history, run_dir / BIAS_PLOT),
-    ]
+    return draw_plots(log_history, RoutingHistory.load(run_dir / ROUTING_HISTORY_FILE), run_dir)
+
+
+def draw_plots(log_history: list[dict], history: RoutingHistory, folder: str | Path) -> list[Path]:
+    """Draw into `folder` the plots a run's logs and routing history allow: MaxVio_batch when training was logged,
+    bias trajectories when the routers have biases, the load heatmap after an evaluation; returns their paths."""
+    folder = Path(folder)
+    paths = []
+    if any("maxvio_batch" in entry for entry in log_history):
+        paths.append(plot_maxvio_batch(log_history, history.router_names, folder / MAXVIO_PLOT, history.layers))
+    if history.biases and len(history.biases[0][0]) > 0:
+        paths.append(plot_bias_trajectories(history, folder / BIAS_PLOT))
     if history.eval_loads is not None:
         paths.append(
             plot_eval_load_heatmap(
-                history.eval_loads, history.router_names, run_dir / LOAD_HEATMAP_PLOT, layers=history.layers
+                history.eval_loads, history.router_names, folder / LOAD_HEATMAP_PLOT, layers=history.layers
             )
         )
     return paths
