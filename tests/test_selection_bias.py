@@ -136,7 +136,10 @@ def test_the_opt_in_bias_balances_a_skewed_router(family):
     assert balancer.biases()[:, :2].max() < 0 < balancer.biases()[:, 2:].max()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+# A fresh interpreter importing transformers takes ~10 s: one family in the default suite, the others marked slow.
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", *(pytest.param(f, marks=pytest.mark.slow) for f in ("mixtral", "gpt_oss"))]
+)
 def test_a_saved_model_reloads_its_biases_with_and_without_the_package(family, tmp_path):
     torch.manual_seed(0)
     model = add_selection_bias(build_tiny_model(family).eval())
