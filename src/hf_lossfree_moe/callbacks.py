@@ -38,9 +38,9 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     `{prefix}_min_load_ratio`, and the spread over layers (`{prefix}_effective_expert_fraction` with its `/layer_{i}`
     and `/min`, `{prefix}_maxvio_global/max` and `/p90`, see `compute_layer_spread_metrics`) from the loads of the
     whole evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the
-    decoder-layer index (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in `.../skipped_layers`.
-    Any forward of the model in eval mode between the last optimizer step and an evaluation's log counts toward that
-    evaluation.
+    decoder-layer index (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in
+    `.../skipped_layers`. Any forward of the model in eval mode between the last optimizer step and an evaluation's
+    log counts toward that evaluation.
 
     With `report=True` (the default) it also writes, at the end of training and again after each later evaluation,
     the run's routing history, plots and a model-card section into `args.output_dir`, and sends the plots to
