@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     """Runs a `LossFreeBalancer` on the Trainer's model and logs what it measures.
 
-    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv` and
-    `batch_min_load_ratio` (averaged over the optimizer steps since the last log) and `bias_abs_max`,
+    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv`,
+    `batch_min_load_ratio` and the spread over layers (`batch_effective_expert_fraction...`, `maxvio_batch/max`,
+    `maxvio_batch/p90`), averaged over the optimizer steps since the last log, and `bias_abs_max`,
     `bias_abs_mean`, `bias_update_factor` (at the last step). Evaluation metrics gain `{prefix}_maxvio_global`,
     `{prefix}_maxvio_global/layer_{i}`, `{prefix}_dead_expert_fraction`, `{prefix}_load_cv` and
     `{prefix}_min_load_ratio`, and the spread over layers (`{prefix}_effective_expert_fraction` with its `/layer_{i}`
