@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -73,16 +73,17 @@ def build_model(family: str, vocab_size: int, arm: str, args: StockReplayArgumen
 def run_arm(arm: str, blocks, vocab_size: int, args: StockReplayArguments) -> dict:
     start = time.perf_counter()
     model = build_model(args.family, vocab_size, arm, args)
-    spec = RunSpec(None, args.seed, DEFAULT_SCALE.__class__(max_steps=args.max_steps), blocks, vocab_size)
-    trainer = Trainer(
-        model=model, args=training_arguments(spec, str(Path(args.output_dir) / arm)), train_dataset=blocks["train"]
-    )
+    # training_arguments reads only the scale and the seed of a run's spec
+    spec = RunSpec(None, args.seed, replace(DEFAULT_SCALE, max_steps=args.max_steps), blocks, vocab_size)
+    training_args = training_arguments(spec, str(Path(args.output_dir) / arm))
+    trainer = Trainer(model=model, args=training_args, train_dataset=blocks["train"])
     trainer.remove_callback(PrinterCallback)
     update_rate = args.update_rate if arm == "loss_free" else 0.0
     callback = add_balancing_callback(trainer, LossFreeBalancingCallback(bias_update_rate=update_rate, report=False))
     trainer.train()
     balancer = callback.balancer
-    val_loss, loads = measure_held_out(model, balancer, torch.tensor(blocks["validation"]["input_ids"]), 64)
+    val_blocks = torch.tensor(blocks["validation"]["input_ids"])  # (N, S)
+    val_loss, loads = measure_held_out(model, balancer, val_blocks, DEFAULT_SCALE.eval_batch_size)
     steps = [log for log in trainer.state.log_history if "maxvio_batch" in log]
     tail = steps[-max(1, len(steps) // 20) :]
     held_out = compute_maxvio(loads, balancer.layers)

@@ -136,7 +136,10 @@ def test_the_opt_in_bias_balances_a_skewed_router(family):
     assert balancer.biases()[:, :2].max() < 0 < balancer.biases()[:, 2:].max()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+# A fresh interpreter importing transformers takes ~10 s: one family in the default suite, the others marked slow.
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", *(pytest.param(f, marks=pytest.mark.slow) for f in ("mixtral", "gpt_oss"))]
+)
 def test_a_saved_model_reloads_its_biases_with_and_without_the_package(family, tmp_path):
     torch.manual_seed(0)
     model = add_selection_bias(build_tiny_model(family).eval())
@@ -167,3 +170,21 @@ def test_a_saved_model_reloads_its_biases_with_and_without_the_package(family, t
     torch.testing.assert_close(results["logits"], logits)
     assert results["biases"].keys() == biases_of(model).keys()
     assert all(torch.equal(results["biases"][name], bias) for name, bias in biases_of(model).items())
+
+
+def test_adding_twice_keeps_the_bias_and_a_model_without_such_routers_is_refused():
+    model = add_selection_bias(build_tiny_model("qwen3_moe"))
+    biases = biases_of(model)
+    with torch.no_grad():
+        for bias in biases.values():
+            bias.fill_(0.25)
+    assert add_selection_bias(model) is model
+    assert biases_of(model).keys() == biases.keys()
+    assert all(
+        now is before and bool((now == 0.25).all())
+        for now, before in zip(biases_of(model).values(), biases.values(), strict=True)
+    )
+    with pytest.raises(ValueError, match="has no router that add_selection_bias can give a bias"):
+        add_selection_bias(build_tiny_model("deepseek_v3"))  # already biased, in another layout
+    with pytest.raises(ValueError, match="has no router that add_selection_bias can give a bias"):
+        add_selection_bias(build_tiny_model("granitemoe"))  # a top-K router whose forward is not one it reproduces

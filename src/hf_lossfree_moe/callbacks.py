@@ -31,20 +31,21 @@ if TYPE_CHECKING:
 class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     """Runs a `LossFreeBalancer` on the Trainer's model and logs what it measures.
 
-    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv` and
-    `batch_min_load_ratio` (averaged over the optimizer steps since the last log) and `bias_abs_max`,
+    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv`,
+    `batch_min_load_ratio` and the spread over layers (`batch_effective_expert_fraction...`, `maxvio_batch/max`,
+    `maxvio_batch/p90`), averaged over the optimizer steps since the last log, and `bias_abs_max`,
     `bias_abs_mean`, `bias_update_factor` (at the last step). Evaluation metrics gain `{prefix}_maxvio_global`,
     `{prefix}_maxvio_global/layer_{i}`, `{prefix}_dead_expert_fraction`, `{prefix}_load_cv` and
     `{prefix}_min_load_ratio`, and the spread over layers (`{prefix}_effective_expert_fraction` with its `/layer_{i}`
-    and `/min`, `{prefix}_maxvio_global/max` and `/p90`, see `layer_spread_metrics`) from the loads of the whole
-    evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the decoder-layer index
-    (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in `.../skipped_layers`.
-    Any forward of the model in eval mode between the last optimizer step and an evaluation's log counts toward that
-    evaluation.
+    and `/min`, `{prefix}_maxvio_global/max` and `/p90`, see `compute_layer_spread_metrics`) from the loads of the
+    whole evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the
+    decoder-layer index (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in
+    `.../skipped_layers`. Any forward of the model in eval mode between the last optimizer step and an evaluation's
+    log counts toward that evaluation.
 
     With `report=True` (the default) it also writes, at the end of training and again after each later evaluation,
     the run's routing history, plots and a model-card section into `args.output_dir`, and sends the plots to
-    TensorBoard / W&B when the Trainer reports to them (see `balance_report.py` and docs/balancing.md#plots-and-the-card).
+    TensorBoard / W&B when the Trainer reports to them (see `balance_report.py`, docs/balancing.md#plots-and-the-card).
 
     Pass it the ordinary way, `Trainer(..., callbacks=[LossFreeBalancingCallback()])`: when the Trainer first calls
     it, it moves ahead of the `report_to` integrations, so they all receive its metrics. A model has one balancer:

@@ -52,7 +52,7 @@ ARGUMENT_BIAS_NAMES = (BIAS_NAME, "expert_bias")
 
 
 def _locate_bias_argument_gate(module: nn.Module) -> RouterLocation | None:
-    """A block that holds the bias and passes it to its `gate` (or `router`): the gate routes, the block keeps the bias.
+    """A block that holds the bias and passes it to its `gate` (or `router`): the gate routes, the block keeps it.
 
     A gate wrapped by PEFT's `modules_to_save` routes through its running copy.
     """
