@@ -3,7 +3,8 @@
 For one router call it times what the balancer adds to the router's forward: the expert counts every rule needs, and
 for `bias_update_rule="quantile"` the scores read from `router_logits` plus the candidate bias (`quantile_candidate`);
 the router's own forward (logits, sigmoid, top-K) is timed alongside for scale. The per-step figures multiply by the
-number of MoE layers. Memory: what the balancer keeps between router calls, and the largest transient tensors.
+number of MoE layers. It also times the update at the end of a step, every layer at once: the sign rule's and annealed
+Quantile Balancing's. Memory: what the balancer keeps between router calls, and the largest transient tensors.
 
     python scripts/quantile_cost.py                        # DeepSeek-V3: 256 experts, top-8, 58 MoE layers, 4096 tokens
     python scripts/quantile_cost.py --tokens 16384 --device cuda
@@ -16,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hf_lossfree_moe.update_rules import quantile_candidate
+from hf_lossfree_moe.update_rules import quantile_candidate, quantile_weight, rule_update
 
 
 def median_seconds(function, repeats: int, device: str) -> float:
@@ -72,9 +73,25 @@ def main(argv: list[str] | None = None):
     def quantile_statistics():
         return quantile_candidate(logits.float().sigmoid(), bias, args.top_k)
 
+    # The update at the end of a step, on the CPU as the balancer applies it: (layers, experts) loads and biases.
+    step_loads = torch.randint(0, 2 * args.tokens * args.top_k // args.experts, (args.layers, args.experts))
+    step_biases = torch.zeros(args.layers, args.experts, dtype=torch.float64)
+    step_candidates = torch.randn(
+        args.layers, args.experts, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+
+    def sign_update():
+        return rule_update("sign", step_loads, step_biases, 1e-3)
+
+    def annealed_quantile_update():
+        weight = quantile_weight(1000, 0.01, anneal_steps=100)
+        return rule_update("quantile", step_loads, step_biases, weight, candidates=step_candidates)
+
     router = median_seconds(router_forward, args.repeats, args.device)
     counting = median_seconds(count, args.repeats, args.device)
     quantile = median_seconds(quantile_statistics, args.repeats, args.device)
+    sign_step = median_seconds(sign_update, args.repeats, "cpu")
+    quantile_step = median_seconds(annealed_quantile_update, args.repeats, "cpu")
     kept_bytes = args.layers * (args.experts * (8 + 4) + 8)  # int64 counts, fp32 candidate sum, one call count
     transient_bytes = 4 * args.tokens * args.experts * 4  # scores, biased scores, scores - cutoff and its transpose
     print(
@@ -87,6 +104,10 @@ def main(argv: list[str] | None = None):
     print(
         f"per micro-batch over {args.layers} layers: counting {counting * args.layers * 1e3:.1f} ms, quantile "
         f"statistics {quantile * args.layers * 1e3:.1f} ms (router forwards {router * args.layers * 1e3:.1f} ms)"
+    )
+    print(
+        f"update at the end of a step, all {args.layers} layers on the CPU: sign rule {sign_step * 1e3:.3f} ms, "
+        f"annealed Quantile Balancing {quantile_step * 1e3:.3f} ms"
     )
     print(
         f"memory kept between router calls: {kept_bytes / 2**10:.0f} KiB; largest transient tensors per call: "

@@ -12,14 +12,13 @@ import argparse
 import hashlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from hf_lossfree_moe.checkpoints import checkpoint_step
 from hf_lossfree_moe.data import EMBEDDED_CORPUS_NAME
 
 
@@ -33,8 +32,6 @@ PATH_FIELDS = ("train_file", "validation_file", "model_name_or_path", "config_na
 # Arguments that belong to one invocation, not to the run: where and whether to resume, where to write, what may
 # be overwritten or switched.
 PER_INVOCATION_FIELDS = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir", "resume_with_new_data")
-# The folders the Trainer saves checkpoints in: <output_dir>/checkpoint-<step>.
-CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 UNRECORDED_DATA = f"data the checkpoint does not record (it holds no {RUN_RECORD_FILE})"
 
 
@@ -144,6 +141,11 @@ class RunRecord:
         next_step = last.last_step + 1 if last is not None else 1
         self.data_sources.append(DataSegment(flags, description, next_step, next_step - 1, files))
 
+    def save_at(self, path: str | Path, step: int) -> None:
+        """Save the record of a checkpoint at optimizer step `step`, its current data segment ending there."""
+        self.end_at(step)
+        self.save(path)
+
     def end_at(self, step: int) -> None:
         """Training has reached optimizer step `step`: the current segment ends there (and is dropped if empty)."""
         if not self.data_sources:
@@ -162,8 +164,8 @@ def resume_arguments(checkpoint: str, given: dict[str, Any]) -> tuple[dict[str, 
     that is not a `checkpoint-<step>` folder, and when `given` names a data source other than the run's, or none
     for a checkpoint without a record, without `resume_with_new_data`.
     """
-    numbered = CHECKPOINT_NAME.fullmatch(Path(checkpoint).name)
-    if numbered is None:
+    step = checkpoint_step(checkpoint)
+    if step is None:
         raise ValueError(
             f"--resume_from_checkpoint {checkpoint} is not a {PREFIX_CHECKPOINT_DIR}-<step> folder of a run; to "
             "continue training a finished model, pass it as --model_name_or_path with a new --output_dir."
@@ -172,7 +174,7 @@ def resume_arguments(checkpoint: str, given: dict[str, Any]) -> tuple[dict[str, 
     saved = RunRecord.load(path) if path.is_file() else RunRecord()
     if not path.is_file():
         if given.get("resume_with_new_data"):
-            saved.data_sources = [DataSegment({}, UNRECORDED_DATA, 1, int(numbered.group(1)))]
+            saved.data_sources = [DataSegment({}, UNRECORDED_DATA, 1, step)]
         elif not any(name in given for name in DATA_SOURCE_FIELDS):
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint} holds no {RUN_RECORD_FILE}, so it does not record the data "
@@ -200,16 +202,3 @@ def resume_arguments(checkpoint: str, given: dict[str, Any]) -> tuple[dict[str, 
     if "output_dir" not in given:
         arguments["output_dir"] = os.path.dirname(os.path.normpath(checkpoint)) or "."
     return arguments, RunRecord(recordable(arguments), saved.data_sources), restored
-
-
-class RunRecordCallback(TrainerCallback):
-    """Writes the run record into every checkpoint, with the current data segment ending at the saved step."""
-
-    def __init__(self, record: RunRecord):
-        self.record = record
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        self.record.end_at(state.global_step)
-        if args.should_save and checkpoint.is_dir():
-            self.record.save(checkpoint / RUN_RECORD_FILE)

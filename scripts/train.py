@@ -43,9 +43,9 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
-from hf_lossfree_moe import LossFreeMoeConfig, add_balancing_callback, export_to_glm4_moe
+from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeConfig, add_balancing_callback, export_to_glm4_moe
+from hf_lossfree_moe.checkpoints import check_complete, checkpoint_step, run_checkpoints
 from hf_lossfree_moe.configuration_lossfree_moe import BiasType, BiasUpdateRule, LoadBalancing, ScoringFunc
 from hf_lossfree_moe.data import TextDataArguments, TextDatasets, tokenize_and_group, train_bpe_tokenizer
 from hf_lossfree_moe.export import check_glm4_moe_compatible
@@ -55,7 +55,6 @@ from hf_lossfree_moe.run_files import ROUTING_HISTORY_FILE
 from hf_lossfree_moe_scripts.run_record import (
     RUN_RECORD_FILE,
     RunRecord,
-    RunRecordCallback,
     given_arguments,
     recordable,
     resume_arguments,
@@ -109,7 +108,15 @@ BALANCING_FIELDS = (
 )
 # Keys of a saved config.json that say how it was saved or run, not which model it is (checkpoints written during
 # training hold use_cache=False).
-CONFIG_METADATA_KEYS = {"transformers_version", "architectures", "auto_map", "dtype", "_name_or_path", "use_cache"}
+CONFIG_METADATA_KEYS = {
+    "transformers_version",
+    "transformers_requirement",
+    "architectures",
+    "auto_map",
+    "dtype",
+    "_name_or_path",
+    "use_cache",
+}
 
 
 @dataclass
@@ -130,7 +137,11 @@ class ModelArguments:
         },
     )
     load_balancing: LoadBalancing | None = field(
-        default=None, metadata={"help": "loss_free, aux_loss (the paper's baseline) or none. Default: the config's."}
+        default=None,
+        metadata={
+            "help": "loss_free, aux_loss (the paper's baseline), none, or expert_choice (the paper's non-causal "
+            "baseline, for research only; see docs/expert_choice.md). Default: the config's."
+        },
     )
     bias_update_rate: float | None = field(
         default=None, metadata={"help": "Bias update rate u (the paper: 1e-3). Default: the config's."}
@@ -339,22 +350,32 @@ def resolve_block_size(block_size: int | None, config: PreTrainedConfig) -> int:
 
 
 def check_checkpoint(checkpoint: str | None) -> None:
-    if checkpoint is not None and not os.path.isdir(checkpoint):
+    """A checkpoint to resume from must exist and be complete (its writing not cut off by a crash); a folder that is
+    no checkpoint is refused by `resume_arguments`."""
+    if checkpoint is None:
+        return
+    if not os.path.isdir(checkpoint):
         raise ValueError(f"--resume_from_checkpoint: no such checkpoint folder: {checkpoint}")
+    if checkpoint_step(checkpoint) is None:
+        return
+    try:
+        check_complete(checkpoint)
+    except ValueError as error:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: {error}") from None
 
 
 def check_output_dir(output_dir: str, config: PreTrainedConfig, overwrite: bool) -> None:
     """Refuse to write into a folder that holds anything but this same model, unless told to overwrite.
 
-    The model is the folder's own config.json or, for a run stopped before its final save, its last checkpoint's.
+    The model is the folder's own config.json or, for a run stopped before its final save, that of its newest
+    checkpoint holding one (a checkpoint whose writing was cut off may hold none).
     """
     if overwrite or not os.path.isdir(output_dir) or not os.listdir(output_dir):
         return
-    saved_dir = (
-        output_dir if os.path.isfile(os.path.join(output_dir, "config.json")) else get_last_checkpoint(output_dir)
-    )
+    saved_dirs = [Path(output_dir), *run_checkpoints(output_dir)]
+    saved_dir = next((path for path in saved_dirs if (path / "config.json").is_file()), None)
     advice = "pass --overwrite_output_dir to replace it, or choose another --output_dir"
-    if saved_dir is None or not os.path.isfile(os.path.join(saved_dir, "config.json")):
+    if saved_dir is None:
         raise ValueError(f"--output_dir {output_dir} is not empty and holds no model; {advice}.")
     try:
         saved = comparable_config(AutoConfig.from_pretrained(saved_dir))
@@ -436,9 +457,18 @@ def prepare(
 
 
 def load_history(checkpoint: str | None) -> RoutingHistory | None:
-    """The routing history saved with `checkpoint`, so a resumed run's plots cover the whole run."""
-    path = Path(checkpoint, ROUTING_HISTORY_FILE) if checkpoint else None
-    return RoutingHistory.load(path) if path is not None and path.is_file() else None
+    """The routing history saved with `checkpoint`, so a resumed run's plots cover the whole run.
+
+    A checkpoint without one (a plain Trainer's) starts the history at its step, which is said, not left to notice
+    on the plots.
+    """
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint, ROUTING_HISTORY_FILE)
+    if not path.is_file():
+        print(f"{checkpoint} holds no {ROUTING_HISTORY_FILE}: the routing history and its plots start at its step.")
+        return None
+    return RoutingHistory.load(path)
 
 
 def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
@@ -452,10 +482,10 @@ def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training
         processing_class=job.tokenizer,
         data_collator=default_data_collator,
     )
-    balancing = add_balancing_callback(trainer)
+    balancing = add_balancing_callback(trainer, LossFreeBalancingCallback(report=False))  # the recorder below reports
     recorder = RoutingHistoryRecorder(balancing, job.history)
     trainer.add_callback(recorder)
-    trainer.add_callback(RunRecordCallback(job.record))
+    balancing.add_checkpoint_file(RUN_RECORD_FILE, job.record.save_at)
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=job.checkpoint)
@@ -493,13 +523,15 @@ def package(
     data_args: DataArguments,
     metrics: dict,
 ) -> None:
-    """Write what the saved model lacks to be shared: state, routing history, plots and (after an evaluation) card."""
+    """Write what the saved model lacks to be shared: state, routing history, plots and (after an evaluation) card.
+
+    trainer_state.json comes after the files it is read with, as in a checkpoint.
+    """
     args = trainer.args
     output_dir = Path(args.output_dir)
-    trainer.save_state()
     history.save(output_dir / ROUTING_HISTORY_FILE)
-    job.record.end_at(trainer.state.global_step)
-    job.record.save(output_dir / RUN_RECORD_FILE)
+    job.record.save_at(output_dir / RUN_RECORD_FILE, trainer.state.global_step)
+    trainer.save_state()
     if not (args.do_train and args.do_eval):
         return
     plots = draw_run_plots(output_dir)

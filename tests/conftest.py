@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from hf_lossfree_moe import LossFreeMoeConfig
+from hf_lossfree_moe import LossFreeMoeConfig, LossFreeMoeForCausalLM
 
 
 TINY = dict(
@@ -37,6 +38,63 @@ def tiny_config():
         return LossFreeMoeConfig(**{**TINY, **overrides})
 
     return make
+
+
+# Experts per token of TINY.
+TOP_K = 2
+
+
+def padded_batch(lengths, seq_len=12, vocab=128):
+    """input_ids (B, S) with right padding (pad id 0) and the matching 2-D attention_mask."""
+    input_ids = torch.randint(3, vocab, (len(lengths), seq_len))
+    attention_mask = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        attention_mask[row, :length] = 1
+    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
+
+
+def record_topk(model):
+    """Hooks that keep each router's (T, K) indices of every call, in router order."""
+    calls = {router: [] for router in model.routers()}
+    for router in model.routers():
+        router.register_forward_hook(lambda module, args, output: calls[module].append(output[2].clone()))
+    return calls
+
+
+class ToyRouter(nn.Module):
+    """Top-K of fixed per-token scores plus the bias; returns the DeepSeek-V3 router triple."""
+
+    def __init__(self, scores: torch.Tensor, top_k: int):
+        super().__init__()
+        self.scores = scores  # (T, E)
+        self.top_k = top_k
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(scores.size(1)))
+
+    def forward(self, hidden_states):
+        indices = (self.scores + self.e_score_correction_bias).topk(self.top_k, dim=-1).indices  # (T, K)
+        return self.scores, self.scores.gather(1, indices), indices
+
+
+class ToyModel(nn.Module):
+    def __init__(self, *routers):
+        super().__init__()
+        self.layers = nn.ModuleList(routers)
+
+    def forward(self, hidden_states=None, attention_mask=None):
+        for router in self.layers:
+            router(hidden_states)
+
+
+@pytest.fixture
+def model(tiny_config):
+    """The tiny LossFreeMoe in training mode."""
+    return LossFreeMoeForCausalLM(tiny_config()).train()
+
+
+def tiny_model(**overrides) -> LossFreeMoeForCausalLM:
+    """A seeded tiny LossFreeMoe in training mode; overrides are config fields."""
+    torch.manual_seed(0)
+    return LossFreeMoeForCausalLM(LossFreeMoeConfig(**{**TINY, **overrides})).train()
 
 
 @pytest.fixture(autouse=True)

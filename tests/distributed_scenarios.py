@@ -26,7 +26,7 @@ from hf_lossfree_moe import (
     LossFreeMoeConfig,
     LossFreeMoeForCausalLM,
     add_balancing_callback,
-    maxvio,
+    compute_maxvio,
 )
 from test_callbacks import collate, make_trainer, padded_examples
 
@@ -184,7 +184,7 @@ def pipeline(model_dir: Path) -> dict:
         "layers": balancer.layers,
         "loads": measurement.loads.tolist(),
         "biases": balancer.biases().tolist(),
-        "model_maxvio": maxvio(list(model_loads.values()), list(model_loads)).mean,
+        "model_maxvio": compute_maxvio(list(model_loads.values()), list(model_loads)).mean,
         "loss": None if output.get("loss") is None else output.loss.item(),
     }
 

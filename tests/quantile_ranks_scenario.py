@@ -34,7 +34,7 @@ def main(out_dir: Path):
     with torch.no_grad():
         for input_ids, attention_mask in micro_batches(rank):
             model(input_ids=input_ids, attention_mask=attention_mask)
-    sums, calls = balancer._candidates.stacked(balancer.device)
+    sums, calls = balancer._counter.candidates.stacked(balancer.device)
     balancer.step()
     result = {"sums": sums.tolist(), "calls": calls.tolist(), "biases": balancer.biases().tolist()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))

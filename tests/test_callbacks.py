@@ -1,13 +1,15 @@
 import functools
 import glob
+import threading
 import warnings
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM, add_balancing_callback, maxvio
+from conftest import tiny_model
+from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM, add_balancing_callback, compute_maxvio
 from hf_lossfree_moe.testing_utils import build_tiny_model
 
 
@@ -133,7 +135,7 @@ def test_trainer_logs_maxvio_everywhere_with_gradient_accumulation(tiny_config, 
         model.eval()
         model(**collate(validation))
     assert metrics["eval_maxvio_global"] == pytest.approx(measurement.maxvio_global)
-    per_layer = list(maxvio(measurement.loads).per_layer.values())
+    per_layer = list(compute_maxvio(measurement.loads).per_layer.values())
     assert [metrics["eval_maxvio_global/layer_1"], metrics["eval_maxvio_global/layer_2"]] == pytest.approx(per_layer)
     assert trainer.state.log_history[-1]["eval_maxvio_global"] == metrics["eval_maxvio_global"]
     assert torch.equal(callback.balancer.biases(), biases)  # evaluation moved no bias ...
@@ -155,18 +157,40 @@ def test_evaluate_before_training_and_predict(tiny_config, tmp_path):
     callback = add_balancing_callback(trainer)
 
     metrics = trainer.evaluate()
-    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(callback.last_eval_loads).mean)
+    assert metrics["eval_maxvio_global"] == pytest.approx(compute_maxvio(callback.last_eval_loads).mean)
     assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
     prediction = trainer.predict(validation)
     assert prediction.metrics["test_maxvio_global"] == pytest.approx(metrics["eval_maxvio_global"])
     assert torch.equal(callback.balancer.biases(), torch.zeros(2, 8))
 
 
-@pytest.mark.parametrize("rule", ["sign", "smebu"])  # smebu carries a momentum from step to step
-def test_resuming_gives_the_biases_of_an_uninterrupted_run(tiny_config, tmp_path, rule):
+def test_an_evaluation_in_another_thread_than_the_trainers_is_measured(tiny_config, tmp_path):
+    """Measurements count their own thread's forwards; the callback's evaluation measurement counts every thread's."""
+    model = LossFreeMoeForCausalLM(tiny_config())
+    validation = padded_examples(5, seed=3)
+    trainer = make_trainer(model, tmp_path, None, validation)
+    callback = add_balancing_callback(trainer)
+    results = {}
+    evaluator = threading.Thread(target=lambda: results.update(trainer.evaluate()))
+    evaluator.start()
+    evaluator.join()
+    assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
+    assert results["eval_maxvio_global"] == pytest.approx(compute_maxvio(callback.last_eval_loads).mean)
+
+
+@pytest.mark.parametrize(
+    "rule_settings",
+    [
+        {"bias_update_rule": "sign"},
+        {"bias_update_rule": "smebu"},  # carries a momentum from step to step
+        # the annealed weight reads the count of updates: 1 up to update 4, then 4 / n, across the resume
+        {"bias_update_rule": "quantile", "bias_quantile_anneal_steps": 4, "bias_quantile_ema": 0.1},
+    ],
+)
+def test_resuming_gives_the_biases_of_an_uninterrupted_run(tiny_config, tmp_path, rule_settings):
     train = padded_examples(40, seed=4)
     settings = dict(max_steps=20, save_strategy="steps", save_steps=10, logging_steps=10)
-    tiny_config = functools.partial(tiny_config, bias_update_rule=rule)
+    tiny_config = functools.partial(tiny_config, **rule_settings)
     uninterrupted = make_trainer(LossFreeMoeForCausalLM(tiny_config()), tmp_path / "a", train, **settings)
     callback = add_balancing_callback(uninterrupted)
     uninterrupted.train()
@@ -205,7 +229,7 @@ class EventCounter(TrainerCallback):
 
 def test_callback_passed_the_ordinary_way_reaches_every_integration(tiny_config, tmp_path):
     model = LossFreeMoeForCausalLM(tiny_config())
-    callback, counter = LossFreeBalancingCallback(update_rate=1e-2), EventCounter()
+    callback, counter = LossFreeBalancingCallback(bias_update_rate=1e-2), EventCounter()
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
@@ -271,7 +295,7 @@ def test_a_second_trainer_on_the_same_model_takes_over_and_hands_back(tiny_confi
         assert "eval_maxvio_global" not in second.evaluate()  # taken back after its first batch
     metrics = second.evaluate()
     assert second_callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
-    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(second_callback.last_eval_loads).mean)
+    assert metrics["eval_maxvio_global"] == pytest.approx(compute_maxvio(second_callback.last_eval_loads).mean)
 
 
 def test_a_callback_added_after_the_trainer_was_built_measures_from_the_next_evaluation(tiny_config, tmp_path):
@@ -285,7 +309,7 @@ def test_a_callback_added_after_the_trainer_was_built_measures_from_the_next_eva
         assert "eval_maxvio_global" not in trainer.evaluate()
     metrics = trainer.evaluate()
     assert callback.last_eval_loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation)] * 2
-    assert metrics["eval_maxvio_global"] == pytest.approx(maxvio(callback.last_eval_loads).mean)
+    assert metrics["eval_maxvio_global"] == pytest.approx(compute_maxvio(callback.last_eval_loads).mean)
 
 
 def test_routers_without_tokens_leave_the_evaluation_metric_in_place(tmp_path):
@@ -299,16 +323,29 @@ def test_routers_without_tokens_leave_the_evaluation_metric_in_place(tmp_path):
     assert callback.balancer.names[1::2] == ["layers.0.mlp.vision_moe.gate", "layers.1.mlp.vision_moe.gate"]
     loads = callback.last_eval_loads
     assert loads.sum(dim=-1).tolist() == [TOP_K * real_tokens(validation), 0] * 2
-    text = maxvio(loads[0::2]).per_layer.values()
+    text = compute_maxvio(loads[0::2]).per_layer.values()
     assert metrics["eval_maxvio_global"] == pytest.approx(sum(text) / 2)
     assert metrics["eval_maxvio_global/skipped_layers"] == 2
-    assert [key for key in metrics if "/layer_" in key] == ["eval_maxvio_global/layer_0", "eval_maxvio_global/layer_2"]
+    assert [key for key in metrics if key.startswith("eval_maxvio_global/layer_")] == [
+        "eval_maxvio_global/layer_0",
+        "eval_maxvio_global/layer_2",
+    ]
 
 
 def test_balancer_arguments_are_declared_and_checked_when_the_callback_is_built():
     with pytest.raises(TypeError, match="update_rates"):
         LossFreeBalancingCallback(update_rates=1e-3)
-    with pytest.raises(ValueError, match="update_rate must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="^bias_update_rate must be a number >= 0"):
         LossFreeBalancingCallback(update_rate=-1.0)
-    with pytest.raises(ValueError, match="rule must be one of"):
+    with pytest.raises(ValueError, match="^bias_update_rule must be one of"):
         LossFreeBalancingCallback(rule="momentum")
+
+
+def test_callback_takes_total_steps_from_the_trainer(tmp_path):
+    model = tiny_model(bias_update_schedule="cosine")
+    callback = LossFreeBalancingCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state = TrainerState(max_steps=40, global_step=10)
+    callback._first_in_trainer = True
+    callback.on_train_begin(args, state, TrainerControl(), model=model)
+    assert (callback.balancer.total_steps, callback.balancer.completed_steps) == (40, 10)

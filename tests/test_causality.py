@@ -21,8 +21,8 @@ the future leaks into the prediction.
 import pytest
 import torch
 
-from hf_lossfree_moe import LossFreeMoeForCausalLM, LossFreeMoeTopkRouter
-from hf_lossfree_moe.modeling_lossfree_moe import routing_scores
+from hf_lossfree_moe import LossFreeMoeForCausalLM
+from hf_lossfree_moe.modeling_lossfree_moe import LossFreeMoeTopkRouter, routing_scores
 
 
 BATCH, LENGTH, LAST_SEEN = 4, 24, 11  # positions 0..LAST_SEEN must not see positions LAST_SEEN+1..LENGTH-1

@@ -31,7 +31,7 @@ def padded_batch():
 
 def train_with_balancer(model, forward, batches, steps):
     """`steps` optimizer steps of one micro-batch per entry of `batches`; the loads and biases after each step."""
-    balancer = LossFreeBalancer(model, update_rate=0.05)
+    balancer = LossFreeBalancer(model, bias_update_rate=0.05)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     history = []
     for _ in range(steps):

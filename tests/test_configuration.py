@@ -1,8 +1,31 @@
+import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import transformers
 
-from hf_lossfree_moe import LossFreeMoeConfig
+from hf_lossfree_moe import LossFreeMoeConfig, LossFreeMoeForCausalLM, configuration_lossfree_moe
+from hf_lossfree_moe.configuration_lossfree_moe import TRANSFORMERS_REQUIREMENT
+
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# Loads a saved folder's remote code where the package cannot be imported, under a faked transformers version.
+LOAD_UNDER_VERSION = """
+import sys
+sys.modules["hf_lossfree_moe"] = None  # any import of the package now fails
+import transformers
+transformers.__version__ = sys.argv[2]
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+except ImportError as error:
+    print(f"ImportError: {error}")
+"""
 
 
 def test_defaults_follow_the_paper():
@@ -117,3 +140,71 @@ def test_head_dim_is_settable_like_deepseek_v3(tiny_config):
     assert config.head_dim == 8
     with pytest.raises(ValueError, match="LossFreeMoeConfig.head_dim must be a positive integer"):
         tiny_config(head_dim=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, field, allowed",
+    [
+        ({"bias_update_rule": "qb"}, "bias_update_rule", "'quantile', 'smebu'"),
+        ({"bias_update_schedule": "step"}, "bias_update_schedule", "'linear_warmup', 'cosine'"),
+        ({"bias_update_warmup_steps": -1}, "bias_update_warmup_steps", "an integer >= 0"),
+        ({"bias_update_stop_fraction": 0.0}, "bias_update_stop_fraction", "(0, 1]"),
+        ({"bias_update_stop_fraction": 1.5}, "bias_update_stop_fraction", "(0, 1]"),
+        ({"bias_quantile_ema": 0.0}, "bias_quantile_ema", "(0, 1]"),
+        ({"bias_update_momentum": 1.0}, "bias_update_momentum", "[0, 1)"),
+        ({"bias_update_rule": "quantile", "bias_quantile_anneal_steps": -1}, "bias_quantile_anneal_steps", ">= 0"),
+        ({"bias_quantile_anneal_steps": 10}, "bias_quantile_anneal_steps", "unless bias_update_rule='quantile'"),
+    ],
+)
+def test_config_rejects_bad_rule_settings_naming_the_field(overrides, field, allowed):
+    with pytest.raises(ValueError, match=f"LossFreeMoeConfig.{field} must be") as error:
+        LossFreeMoeConfig(**overrides)
+    assert allowed in str(error.value)
+
+
+def version_error(installed: str) -> str:
+    return (
+        f"LossFreeMoe needs transformers>=5.24,<6, but transformers {installed} is installed; install a supported "
+        'version with `pip install "transformers>=5.24,<6"`.'
+    )
+
+
+def import_configuration_under(version: str, monkeypatch):
+    """Execute the shipped configuration file afresh while transformers reports `version`."""
+    monkeypatch.setattr(transformers, "__version__", version)
+    spec = importlib.util.spec_from_file_location("configuration_probe", configuration_lossfree_moe.__file__)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+@pytest.mark.parametrize("version", ["5.23.0", "5.0.0", "4.57.1", "6.0.0", "5.24.0.dev0"])
+def test_configuration_refuses_an_untested_transformers_naming_both_versions(version, monkeypatch):
+    with pytest.raises(ImportError, match=f"^{re.escape(version_error(version))}$"):
+        import_configuration_under(version, monkeypatch)
+
+
+@pytest.mark.parametrize("version", ["5.24.0", "5.25.0", "5.26.0.dev0"])
+def test_configuration_imports_under_a_tested_transformers(version, monkeypatch):
+    import_configuration_under(version, monkeypatch)
+
+
+def test_package_requires_the_transformers_range_the_code_checks():
+    required = re.findall(r'^\s*"transformers([^"]*)",$', PYPROJECT.read_text(), flags=re.MULTILINE)
+    assert required == [TRANSFORMERS_REQUIREMENT]
+
+
+def test_saved_folder_states_the_range_and_its_code_refuses_another_version(tiny_config, tmp_path):
+    folder = tmp_path / "model"
+    LossFreeMoeForCausalLM(tiny_config()).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["transformers_requirement"] == ">=5.24,<6"
+
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_UNDER_VERSION, str(folder), "5.23.0"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Under the installed version the same folder loads: test_modeling.py's remote-code test.
+    assert result.stdout.strip().splitlines()[-1] == f"ImportError: {version_error('5.23.0')}"

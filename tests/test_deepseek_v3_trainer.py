@@ -3,9 +3,10 @@
 import pytest
 import torch
 from datasets import Dataset
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Trainer, TrainingArguments
+from transformers import DeepseekV3ForCausalLM, Trainer, TrainingArguments
 
 from hf_lossfree_moe import LossFreeBalancingCallback, add_balancing_callback
+from hf_lossfree_moe.testing_utils import build_tiny_model
 
 
 STEPS = 4
@@ -13,31 +14,8 @@ UPDATE_RATE = 1e-3
 
 
 def tiny_deepseek_v3():
-    config = DeepseekV3Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        first_k_dense_replace=1,  # layer 0 dense, layers 1-2 MoE
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return DeepseekV3ForCausalLM(config)
+    """Layer 0 dense, layers 1-2 MoE with 8 experts in 4 groups, top-2 within 2 groups."""
+    return build_tiny_model("deepseek_v3", num_layers=3, first_k_dense_replace=1, n_group=4, topk_group=2)
 
 
 def padded_dataset(num_rows=16, seq_len=16):
@@ -74,7 +52,7 @@ def test_trainer_balances_saves_and_stock_transformers_reloads(tmp_path):
         use_cpu=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=padded_dataset())
-    callback = add_balancing_callback(trainer, LossFreeBalancingCallback(update_rate=UPDATE_RATE))
+    callback = add_balancing_callback(trainer, LossFreeBalancingCallback(bias_update_rate=UPDATE_RATE))
     trainer.train()
 
     logged = [entry for entry in trainer.state.log_history if "maxvio_batch" in entry]

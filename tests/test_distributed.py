@@ -14,9 +14,8 @@ from hf_lossfree_moe import (
     LossFreeMoeConfig,
     LossFreeMoeForCausalLM,
     add_balancing_callback,
-    maxvio,
+    compute_maxvio,
 )
-from hf_lossfree_moe.process_groups import LoadSum, counting_group
 from test_callbacks import make_trainer, padded_examples
 
 
@@ -89,56 +88,6 @@ def test_every_parallel_plan_rule_names_a_module_or_parameter(tiny_config):
         assert set(getattr(model.config, plan)) <= wildcard_names, plan
 
 
-class _Mesh:
-    """A device mesh of the given dimension sizes whose groups are named after its dimensions."""
-
-    def __init__(self, sizes: dict[str, int]):
-        self.sizes = sizes
-
-    def size(self) -> int:
-        return int(torch.tensor(list(self.sizes.values())).prod())
-
-    def get_group(self) -> str:
-        return "+".join(self.sizes)
-
-    def _flatten(self) -> "_Mesh":
-        return _Mesh({"_".join(self.sizes): self.size()})
-
-
-class _LoadedModel:
-    """What `from_pretrained(..., distributed_config=...)` leaves on a model: its config and its meshes."""
-
-    is_distributed_loading_by_transformers = True
-
-    def __init__(self, **sizes):
-        self.config = type("Config", (), {"distributed_config": object()})()
-        self.sizes = {"pp": 1, "dp_replicate": 1, "fsdp": 1, "tp": 1, **sizes}
-        self._mesh_manager = self
-
-    def get_mesh(self, dims):
-        dims = (dims,) if isinstance(dims, str) else dims
-        return _Mesh({dim: self.sizes[dim] for dim in dims})
-
-
-@pytest.mark.parametrize(
-    "sizes, group",
-    [
-        (dict(tp=2), "fsdp"),  # a group of one: nothing is summed
-        (dict(fsdp=2, tp=4), "fsdp"),
-        (dict(dp_replicate=2, fsdp=2, tp=2), "dp_replicate_fsdp"),
-        (dict(pp=2, tp=2), "pp"),
-    ],
-)
-def test_counts_are_summed_over_the_ranks_that_route_different_tokens(sizes, group):
-    model = _LoadedModel(**sizes)
-    assert counting_group(model) == group
-    assert counting_group(model, process_group="given") == "given"
-
-
-def test_without_a_distributed_config_counts_are_summed_over_the_world(tiny_config):
-    assert counting_group(LossFreeMoeForCausalLM(tiny_config())) is None
-
-
 def test_half_batches_on_two_ranks_update_like_one_process(ranks, single_process_step):
     local = [torch.tensor(rank["half_batch_ddp"]["local_loads"]) for rank in ranks]
     # each rank kept its own counts under DDP's buffer broadcast ...
@@ -200,27 +149,13 @@ def test_each_pipeline_stage_measures_and_updates_its_own_routers(ranks, single_
         assert torch.equal(torch.tensor(result["loads"]), single_process_step.loads[stage : stage + 1])
         torch.testing.assert_close(torch.tensor(result["biases"]), single_process_step.biases[stage : stage + 1])
         # gathered from both stages, the loads of the whole model give its MaxVio
-        assert result["model_maxvio"] == pytest.approx(maxvio(single_process_step.loads).mean)
+        assert result["model_maxvio"] == pytest.approx(compute_maxvio(single_process_step.loads).mean)
 
 
 def test_a_pipeline_stage_without_router_is_refused_on_every_rank(ranks):
     """Layers 0 and 1 dense on stage 0, MoE layer 2 on stage 1: both ranks raise instead of one waiting forever."""
     for rank in ranks:
         assert "stage(s) at rank(s) [0]" in rank["pipeline_stage_without_router"]
-
-
-def test_pipeline_stages_whose_routers_have_no_layer_index_are_refused_alike(monkeypatch):
-    """Stages' counts are matched by decoder-layer index; a stage numbering its routers by position (two routers in
-    one layer) would have its rows summed with another stage's different layers, so every rank refuses instead."""
-
-    def all_gather_object(gathered, indices, group=None):
-        gathered[:] = [[1, 2], None]  # stage 1's routers share a layer: no index of their own
-
-    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
-    load_sum = LoadSum.__new__(LoadSum)
-    load_sum.group, load_sum._size = None, lambda: 2
-    with pytest.raises(ValueError, match=r"the routers at rank\(s\) \[1\] of its process group have none"):
-        load_sum._gather_layers([1, 2])
 
 
 @pytest.mark.xfail(

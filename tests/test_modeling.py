@@ -10,10 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from conftest import TINY
-from hf_lossfree_moe import (
-    LossFreeMoeConfig,
-    LossFreeMoeForCausalLM,
-    LossFreeMoeModel,
+from hf_lossfree_moe import LossFreeMoeConfig, LossFreeMoeForCausalLM, LossFreeMoeModel
+from hf_lossfree_moe.modeling_lossfree_moe import (
     LossFreeMoeSparseMoeBlock,
     LossFreeMoeTopkRouter,
     sequence_balance_loss,

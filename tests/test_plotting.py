@@ -140,7 +140,7 @@ def test_recorder_keeps_biases_per_training_log_and_the_eval_loads(tiny_config, 
     balancing.last_eval_loads = torch.tensor([[1, 2] * 4, [3, 4] * 4])
     recorder.on_evaluate(args, state, control)
     (tmp_path / "checkpoint-10").mkdir()
-    recorder.on_save(args, state, control)
+    balancing.write_checkpoint_files(tmp_path / "checkpoint-10", state.global_step)
 
     history = RoutingHistory.load(tmp_path / "checkpoint-10" / ROUTING_HISTORY_FILE)
     assert history.router_names == ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]

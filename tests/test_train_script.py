@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_lossfree_moe import LossFreeMoeConfig
+from hf_lossfree_moe.checkpoints import FAULT_VARIABLE
 from hf_lossfree_moe.data import embedded_datasets
 from hf_lossfree_moe_scripts import train as train_script
 from hf_lossfree_moe_scripts.run_record import RunRecord
@@ -42,6 +45,8 @@ FAST_TRAINING = [
     "--save_steps", "2",
 ]  # fmt: skip
 FAST_RUN = ["--config_overrides", json.dumps(TINY_OVERRIDES), *FAST_TRAINING]
+# Three checkpoints and no evaluation: a run to kill while it writes the second checkpoint.
+KILLABLE_RUN = [*FAST_RUN, "--max_steps", "6", "--do_eval", "false"]
 # One intra-op thread: tiny matrices gain nothing from more, and spinning threads stall on a shared machine.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -70,6 +75,19 @@ def trained(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pin_memory" not in result.stderr  # no pinned memory asked for on a machine without an accelerator
     return output_dir, result.stdout
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run that `test_a_run_killed_while_checkpointing_resumes_to_the_uninterrupted_run` kills, left alone."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed subprocess
+    try:
+        train_script.main(["--output_dir", str(output_dir), *KILLABLE_RUN])
+    finally:
+        torch.set_num_threads(threads)
+    return output_dir
 
 
 def test_fast_run_leaves_a_complete_model_folder(trained):
@@ -123,6 +141,8 @@ def test_every_output_numbers_layers_as_model_layers(trained):
     ]
     evaluation = json.loads((output_dir / "eval_results.json").read_text())
     assert sorted(key for key in evaluation if "/layer_" in key) == [
+        "eval_effective_expert_fraction/layer_1",
+        "eval_effective_expert_fraction/layer_2",
         "eval_maxvio_global/layer_1",
         "eval_maxvio_global/layer_2",
     ]
@@ -365,7 +385,7 @@ def test_help_describes_the_script_and_lists_allowed_values(capsys):
     help_text = capsys.readouterr().out
     assert help_text.split("\n\n")[1].startswith("Train a LossFreeMoe causal LM")
     for flag, choices in [
-        ("load_balancing", "{loss_free,aux_loss,none}"),
+        ("load_balancing", "{loss_free,aux_loss,none,expert_choice}"),
         ("bias_update_rule", "{sign,error,quantile,smebu}"),
         ("bias_type", "{additive,multiplicative}"),
         ("scoring_func", "{sigmoid,softmax}"),
@@ -429,3 +449,52 @@ def test_bad_argument_file_stops_before_training(tmp_path, content, message):
     (tmp_path / "args.json").write_text(content)
     with pytest.raises(SystemExit, match=message):
         train_script.main([str(tmp_path / "args.json")])
+
+
+def routing_outcome(run: Path) -> tuple[list[int], list, dict[str, torch.Tensor]]:
+    """The steps and biases of a finished run's routing history, and its final biases."""
+    history = json.loads((run / "routing_history.json").read_text())
+    weights = load_file(run / "model.safetensors")
+    biases = {name: tensor for name, tensor in weights.items() if name.endswith("e_score_correction_bias")}
+    return history["steps"], history["biases"], biases
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        pytest.param("before_balancer_files", marks=pytest.mark.slow),
+        pytest.param("after_routing_history", marks=pytest.mark.slow),
+        "after_run_record",
+        pytest.param("after_trainer_state", marks=pytest.mark.slow),
+    ],
+)
+def test_a_run_killed_while_checkpointing_resumes_to_the_uninterrupted_run(stage, uninterrupted, tmp_path, one_thread):
+    """Killed at each stage of writing checkpoint-4 (save_total_limit=1): the newest complete checkpoint survives, an
+    incomplete one is refused by name, and resuming ends with the uninterrupted run's biases and routing history."""
+    run = tmp_path / "run"
+    command = [sys.executable, str(SCRIPT), "--output_dir", str(run), *KILLABLE_RUN]
+    environment = {**SUBPROCESS_ENV, FAULT_VARIABLE: f"{stage}@4"}
+    killed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+
+    if stage == "after_trainer_state":  # checkpoint-4 was complete before checkpoint-2 was deleted
+        assert sorted(os.listdir(run)) == ["checkpoint-4"]
+        resume_from = run / "checkpoint-4"
+    else:
+        assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-4"]
+        with pytest.raises(
+            SystemExit,
+            match=r"checkpoint-4 is incomplete: it lacks trainer_state.json \(its writing was cut off\); the newest "
+            r"complete one is checkpoint-2\.",
+        ):
+            train_script.main(["--resume_from_checkpoint", str(run / "checkpoint-4")])
+        resume_from = run / "checkpoint-2"
+    train_script.main(["--resume_from_checkpoint", str(resume_from)])
+
+    steps, history, biases = routing_outcome(run)
+    expected_steps, expected_history, expected_biases = routing_outcome(uninterrupted)
+    assert steps == expected_steps == [0, 2, 4, 6]
+    assert history == expected_history
+    assert biases.keys() == expected_biases.keys() and len(biases) == 2
+    for name, bias in expected_biases.items():
+        assert torch.equal(biases[name], bias), name

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from hf_lossfree_moe import LossFreeMoeForCausalLM, maxvio
+from hf_lossfree_moe import LossFreeMoeForCausalLM, compute_maxvio
 from hf_lossfree_moe.modeling_lossfree_moe import LossFreeMoeExpertChoiceRouter, LossFreeMoeTopkRouter
 
 
@@ -114,7 +114,7 @@ def maxvio_by_batch_size(
     result = {}
     for size in sizes:
         batches = shuffled[: shuffled.size(0) // size * size].view(-1, size, *shuffled.shape[1:]).sum(dim=1)
-        result[size] = statistics.fmean(maxvio(loads, layers).mean for loads in batches)
+        result[size] = statistics.fmean(compute_maxvio(loads, layers).mean for loads in batches)
     return result
 
 
@@ -133,7 +133,7 @@ class StepLoadsCallback(TrainerCallback):
         self.loads[position] += counts.sum(dim=0).cpu()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.maxvio_batch.append(maxvio(self.loads, self.counter.layers).mean)
+        self.maxvio_batch.append(compute_maxvio(self.loads, self.counter.layers).mean)
         self.loads.zero_()
 
     def remove(self):

@@ -75,6 +75,16 @@ METHODS = {
             {"load_balancing": "loss_free", "bias_update_rule": "quantile", "bias_quantile_ema": 1.0},
         ),
         Method(
+            "loss_free_quantile_annealed",
+            "Loss-Free, Quantile Balancing (annealed: weight 1 for 100 steps, then 100 / n, floor 0.01)",
+            {
+                "load_balancing": "loss_free",
+                "bias_update_rule": "quantile",
+                "bias_quantile_ema": 0.01,
+                "bias_quantile_anneal_steps": 100,
+            },
+        ),
+        Method(
             "loss_free_smebu",
             "Loss-Free, SMEBU-style (u=1e-2, momentum 0.9)",
             {"load_balancing": "loss_free", "bias_update_rule": "smebu", "bias_update_rate": 1e-2},
@@ -137,7 +147,11 @@ ABLATIONS = {
         Comparison("softmax", "Softmax gate", ("softmax_aux_loss", "softmax_loss_free")),
         Comparison("dsv3", "DeepSeek-V3 combination", ("loss_free", "loss_free_seq_aux")),
         Comparison("quantile", "Quantile Balancing vs. the sign rule", ("loss_free", "loss_free_quantile")),
-        Comparison("rules", "Post-paper update rules", ("loss_free", "loss_free_quantile", "loss_free_smebu")),
+        Comparison(
+            "rules",
+            "Post-paper update rules",
+            ("loss_free", "loss_free_quantile", "loss_free_quantile_annealed", "loss_free_smebu"),
+        ),
     )
 }
 ABLATIONS["expert_choice"] = Comparison(

@@ -25,9 +25,16 @@ from datasets import DatasetDict
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, add_balancing_callback, maxvio
+from hf_lossfree_moe import (
+    LossFreeBalancer,
+    LossFreeBalancingCallback,
+    LossFreeMoeConfig,
+    LossFreeMoeForCausalLM,
+    add_balancing_callback,
+    compute_maxvio,
+)
+from hf_lossfree_moe.balance_metrics import compute_load_metrics
 from hf_lossfree_moe.data import TEXT_COLUMN, tokenize_and_group, train_bpe_tokenizer
-from hf_lossfree_moe.load_metrics import load_metrics
 
 from .loads import (
     StepLoadsCallback,
@@ -349,7 +356,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = Trainer(model=model, args=training_arguments(spec, output_dir), train_dataset=spec.blocks["train"])
         trainer.remove_callback(PrinterCallback)
-        balancer = add_balancing_callback(trainer).balancer
+        balancer = add_balancing_callback(trainer, LossFreeBalancingCallback(report=False)).balancer
         trainer.train()
     steps = [log for log in trainer.state.log_history if "maxvio_batch" in log]
     if len(steps) != spec.scale.max_steps:
@@ -357,7 +364,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     maxvio_batch = [log["maxvio_batch"] for log in steps]
     val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
     val_loss, loads = measure_held_out(model, balancer, val_blocks, spec.scale.eval_batch_size)
-    held_out = maxvio(loads, balancer.layers)
+    held_out = compute_maxvio(loads, balancer.layers)
     train_blocks = spec.blocks["train"]
     seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
     _, seen_loads = measure_held_out(model, balancer, seen_blocks, spec.scale.eval_batch_size)
@@ -369,7 +376,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         val_perplexity=math.exp(val_loss),
         maxvio_global=held_out.mean,
         maxvio_global_per_layer=held_out.per_layer,
-        maxvio_global_train=maxvio(seen_loads, balancer.layers).mean,
+        maxvio_global_train=compute_maxvio(seen_loads, balancer.layers).mean,
         final_maxvio_batch=final_mean(maxvio_batch),
         maxvio_batch=maxvio_batch,
         bias_abs_max=[log["bias_abs_max"] for log in steps],
@@ -379,7 +386,7 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
         router_names=list(balancer.names),
         final_biases=balancer.biases().tolist(),
         wall_time_s=time.perf_counter() - start,
-        val_load_metrics=load_metrics(loads, "val"),
+        val_load_metrics=compute_load_metrics(loads, "val"),
         maxvio_by_batch_size=maxvio_by_batch_size(
             sequence_loads, balancer.layers, computation_batch_sizes(len(val_blocks)), spec.seed
         ),
@@ -411,7 +418,7 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
     val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
     val_loss, sequence_loads = evaluate_by_sequence(model, val_blocks, batch_size)
     loads = sequence_loads.sum(dim=0)  # (L, E)
-    held_out = maxvio(loads, layers)
+    held_out = compute_maxvio(loads, layers)
     train_blocks = spec.blocks["train"]
     seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
     _, seen_loads = evaluate_by_sequence(model, seen_blocks, batch_size)
@@ -424,7 +431,7 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
         val_perplexity=math.exp(val_loss),
         maxvio_global=held_out.mean,
         maxvio_global_per_layer=held_out.per_layer,
-        maxvio_global_train=maxvio(seen_loads.sum(dim=0), layers).mean,
+        maxvio_global_train=compute_maxvio(seen_loads.sum(dim=0), layers).mean,
         final_maxvio_batch=final_mean(step_loads.maxvio_batch),
         maxvio_batch=step_loads.maxvio_batch,
         bias_abs_max=[0.0] * len(step_loads.maxvio_batch),
@@ -434,7 +441,7 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
         router_names=[f"model.layers.{layer}.mlp.gate" for layer in layers],
         final_biases=[[0.0] * spec.scale.n_routed_experts for _ in layers],
         wall_time_s=time.perf_counter() - start,
-        val_load_metrics=load_metrics(loads, "val"),
+        val_load_metrics=compute_load_metrics(loads, "val"),
         maxvio_by_batch_size=maxvio_by_batch_size(
             sequence_loads, layers, computation_batch_sizes(len(val_blocks)), spec.seed
         ),

@@ -7,23 +7,20 @@ Importing the package registers `LossFreeMoe` with the Auto classes and marks it
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from . import families  # noqa: F401  (registers router adapters for transformers' MoE families)
+from .balance_metrics import MaxVio, compute_maxvio
 from .balancing import LoadMeasurement, LossFreeBalancer
 from .callbacks import LossFreeBalancingCallback, add_balancing_callback
 from .configuration_lossfree_moe import LossFreeMoeConfig
 from .export import export_to_glm4_moe
-from .load_metrics import MaxVio, maxvio
 from .metrics import MAXVIO_METRIC_PATH
-from .modeling_lossfree_moe import (
-    LossFreeMoeExperts,
-    LossFreeMoeForCausalLM,
-    LossFreeMoeModel,
-    LossFreeMoePreTrainedModel,
-    LossFreeMoeSparseMoeBlock,
-    LossFreeMoeTopkRouter,
-    sequence_balance_loss,
-)
+from .modeling_lossfree_moe import LossFreeMoeForCausalLM, LossFreeMoeModel, LossFreeMoePreTrainedModel
 from .routers import RouterAdapter, RouterLocation, register_router_adapter
+from .selection_bias import add_selection_bias, with_selection_bias
+from .settings import BalancingSettings
 
+
+# The name of `compute_maxvio` in earlier releases, kept so their code runs unchanged.
+maxvio = compute_maxvio
 
 __version__ = "0.1.0"
 
@@ -36,22 +33,21 @@ LossFreeMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "MAXVIO_METRIC_PATH",
+    "BalancingSettings",
     "LoadMeasurement",
     "LossFreeBalancer",
     "LossFreeBalancingCallback",
+    "LossFreeMoeConfig",
+    "LossFreeMoeForCausalLM",
+    "LossFreeMoeModel",
+    "LossFreeMoePreTrainedModel",
     "MaxVio",
     "RouterAdapter",
     "RouterLocation",
     "add_balancing_callback",
+    "add_selection_bias",
+    "compute_maxvio",
     "export_to_glm4_moe",
-    "maxvio",
     "register_router_adapter",
-    "LossFreeMoeConfig",
-    "LossFreeMoeExperts",
-    "LossFreeMoeForCausalLM",
-    "LossFreeMoeModel",
-    "LossFreeMoePreTrainedModel",
-    "LossFreeMoeSparseMoeBlock",
-    "LossFreeMoeTopkRouter",
-    "sequence_balance_loss",
+    "with_selection_bias",
 ]

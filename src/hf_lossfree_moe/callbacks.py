@@ -7,15 +7,20 @@ and `Trainer` puts them ahead of the callbacks it is given, so the callback move
 Trainer's list the first time the Trainer calls it; `add_balancing_callback(trainer)` does the same explicitly.
 """
 
-import inspect
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .balancing import LoadMeasurement, LossFreeBalancer, check_settings
-from .load_metrics import load_metrics, maxvio
+from .balance_metrics import compute_layer_spread_metrics, compute_load_metrics, compute_maxvio
+from .balancing import LoadMeasurement, LossFreeBalancer
+from .checkpoints import fault_point
+from .compat import calling_handler
+from .settings import BalancingSettings
 
 
 if TYPE_CHECKING:
@@ -26,14 +31,21 @@ if TYPE_CHECKING:
 class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     """Runs a `LossFreeBalancer` on the Trainer's model and logs what it measures.
 
-    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv` and
-    `batch_min_load_ratio` (averaged over the optimizer steps since the last log) and `bias_abs_max`,
+    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv`,
+    `batch_min_load_ratio` and the spread over layers (`batch_effective_expert_fraction...`, `maxvio_batch/max`,
+    `maxvio_batch/p90`), averaged over the optimizer steps since the last log, and `bias_abs_max`,
     `bias_abs_mean`, `bias_update_factor` (at the last step). Evaluation metrics gain `{prefix}_maxvio_global`,
     `{prefix}_maxvio_global/layer_{i}`, `{prefix}_dead_expert_fraction`, `{prefix}_load_cv` and
-    `{prefix}_min_load_ratio` from the loads of the whole evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the decoder-layer index
-    (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in `.../skipped_layers`.
-    Any forward of the model in eval mode between the last optimizer step and an evaluation's log counts toward that
-    evaluation.
+    `{prefix}_min_load_ratio`, and the spread over layers (`{prefix}_effective_expert_fraction` with its `/layer_{i}`
+    and `/min`, `{prefix}_maxvio_global/max` and `/p90`, see `compute_layer_spread_metrics`) from the loads of the
+    whole evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the
+    decoder-layer index (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in
+    `.../skipped_layers`. Any forward of the model in eval mode between the last optimizer step and an evaluation's
+    log counts toward that evaluation.
+
+    With `report=True` (the default) it also writes, at the end of training and again after each later evaluation,
+    the run's routing history, plots and a model-card section into `args.output_dir`, and sends the plots to
+    TensorBoard / W&B when the Trainer reports to them (see `balance_report.py`, docs/balancing.md#plots-and-the-card).
 
     Pass it the ordinary way, `Trainer(..., callbacks=[LossFreeBalancingCallback()])`: when the Trainer first calls
     it, it moves ahead of the `report_to` integrations, so they all receive its metrics. A model has one balancer:
@@ -42,11 +54,15 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     were taken, or when it was added with `trainer.add_callback` after the Trainer was built): that evaluation leaves
     out its MaxVio with a warning, the next one has it.
 
+    Files that belong in each checkpoint beside the balancer's state (`RoutingHistoryRecorder`'s history, a script's
+    run record) are registered with `add_checkpoint_file`: they are written before the checkpoint's
+    `trainer_state.json`, so a checkpoint is complete once that file is (see `checkpoints.py`).
+
     Args:
-        update_rate, rule, bias_type, center, frozen, process_group, schedule, warmup_steps, stop_fraction,
-            quantile_ema, momentum: The `LossFreeBalancer` settings, checked here and passed on; unset ones come
-            from the model's config (see `LossFreeBalancer`). The balancer's `total_steps` is the Trainer's
-            `max_steps`, and its count of updates resumes from the Trainer's `global_step`.
+        settings, process_group, **overrides: As for `LossFreeBalancer`: checked here and passed on; unset settings
+            come from the model's config. The balancer's `total_steps` is the Trainer's `max_steps`, and its count of
+            updates resumes from the Trainer's `global_step`.
+        report (`bool`, defaults to `True`): Write the routing history, plots and card section of the run.
 
     Example:
 
@@ -60,43 +76,18 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
 
     def __init__(
         self,
-        update_rate: float | None = None,
-        rule: str | None = None,
-        bias_type: str | None = None,
-        center: bool = False,
-        frozen: bool | None = None,
+        settings: BalancingSettings | None = None,
+        *,
         process_group: "dist.ProcessGroup | None" = None,
-        schedule: str | None = None,
-        warmup_steps: int | None = None,
-        stop_fraction: float | None = None,
-        quantile_ema: float | None = None,
-        momentum: float | None = None,
+        report: bool = True,
+        **overrides,
     ):
-        self.balancer_kwargs = dict(
-            update_rate=update_rate,
-            rule=rule,
-            bias_type=bias_type,
-            center=center,
-            frozen=frozen,
-            process_group=process_group,
-            schedule=schedule,
-            warmup_steps=warmup_steps,
-            stop_fraction=stop_fraction,
-            quantile_ema=quantile_ema,
-            momentum=momentum,
-        )
-        check_settings(
-            update_rate,
-            rule,
-            bias_type,
-            center,
-            frozen,
-            schedule=schedule,
-            warmup_steps=warmup_steps,
-            stop_fraction=stop_fraction,
-            quantile_ema=quantile_ema,
-            momentum=momentum,
-        )
+        if not isinstance(report, bool):
+            raise ValueError(f"report must be True or False, got {report!r}.")
+        self.report = None
+        self._write_reports = report
+        self.settings = BalancingSettings.of(settings, **overrides)
+        self.process_group = process_group
         self.balancer: LossFreeBalancer | None = None
         # Set by Trainer when it rebuilds the callback from a checkpoint (`restore_callback_states_from_checkpoint`).
         self.balancer_state: dict | None = None
@@ -107,6 +98,19 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self._evaluating = False
         self._evaluation_incomplete = False
         self._step_stats: list[dict[str, float]] = []
+        self._checkpoint_files: dict[str, Callable[[Path, int], None]] = {}
+        self._training: tuple[TrainingArguments, TrainerState] | None = None
+
+    def add_checkpoint_file(self, name: str, write: Callable[[Path, int], None]) -> None:
+        """Have every checkpoint hold the file `name`: `write(path, step)` writes it at optimizer step `step`."""
+        self._checkpoint_files[name] = write
+
+    def write_checkpoint_files(self, checkpoint: Path, step: int) -> None:
+        """Write the registered files into `checkpoint`, the folder of optimizer step `step`."""
+        fault_point("before_balancer_files", step)
+        for name, write in self._checkpoint_files.items():
+            write(checkpoint / name, step)
+            fault_point(f"after_{Path(name).stem}", step)
 
     def attach(self, model):
         """Build the balancer for `model` (wrappers are unwrapped); a no-op while it is attached to it.
@@ -117,9 +121,10 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
             return
         if self.balancer is not None:
             self.balancer.remove()
-        self.balancer = LossFreeBalancer(model, **self.balancer_kwargs)
+        self.balancer = LossFreeBalancer(model, self.settings, process_group=self.process_group)
         self._attached_to = model
-        self._eval_measurement = self.balancer.measure(eval_only=True).start()
+        # Every thread's: an evaluation may run in another thread than the one that built the Trainer.
+        self._eval_measurement = self.balancer.measure(eval_only=True, all_threads=True).start()
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         self._move_ahead_of_reporters(args)
@@ -140,14 +145,33 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self.balancer_state = None
         self._eval_measurement.reset()
         self._step_stats = []
+        self._training = (args, state)
+        self._start_report(args, state, control)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._training = None
+        self._finish_report(args, state, control)
 
     def state(self) -> dict:
         """Saved by Trainer in each checkpoint's trainer_state.json: the balancer's state between steps (the SMEBU
         momentum, the count of updates), restored when training resumes, so a resumed run updates as an
-        uninterrupted one would."""
-        args = {name: value for name, value in self.balancer_kwargs.items() if name != "process_group"}
+        uninterrupted one would.
+
+        During training, Trainer calls it right before writing a checkpoint's trainer_state.json, the file that
+        makes the checkpoint count as done (and only then deletes older checkpoints): the registered checkpoint
+        files are written here, so no checkpoint holds a trainer_state.json without them.
+        """
+        if self._training is not None:
+            args, state = self._training
+            checkpoint = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if args.should_save and checkpoint.is_dir():
+                self.write_checkpoint_files(checkpoint, state.global_step)
+        args = self.settings.to_dict()
         balancer_state = None if self.balancer is None else self.balancer.state_dict()
         return {"args": args, "attributes": {"balancer_state": balancer_state}}
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        fault_point("after_trainer_state", state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._step_stats.append(self.balancer.step())
@@ -171,6 +195,40 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         # Trainer.log appends a copy of the logs to log_history before calling on_log.
         if added and state.log_history and set(logs) - set(added) <= set(state.log_history[-1]):
             state.log_history[-1].update(added)
+        if self.report is not None:
+            self.report.recorder.on_log(args, state, control, logs=logs)
+
+    def _finish_report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl):
+        if self.report is not None:
+            self.report.recorder.on_train_end(args, state, control)
+            self.report.training_ended = True
+            self._write_report(args, state)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.report is not None:
+            self.report.recorder.on_evaluate(args, state, control)
+            if self.report.training_ended:
+                self._write_report(args, state)
+
+    def write_report(self, args: TrainingArguments, state: TrainerState) -> list:
+        """Write the routing history, plots and card section of the run so far into `args.output_dir` now (what the
+        callback does by itself at the end of training); returns the paths written."""
+        if self.report is None:
+            raise ValueError("No report to write: the callback was built with report=False or has not trained yet.")
+        return self._write_report(args, state)
+
+    def _start_report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl):
+        """A new routing history at each `train()` (imported here: plotting needs matplotlib, the package does not)."""
+        if not self._write_reports:
+            return
+        from .balance_report import BalanceReport
+
+        self.report = BalanceReport(self)
+        self.report.recorder.on_train_begin(args, state, control)
+
+    def _write_report(self, args: TrainingArguments, state: TrainerState) -> list:
+        handler = calling_handler(self)
+        return self.report.write(args, state, [] if handler is None else handler.callbacks)
 
     def on_predict(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kwargs
@@ -187,14 +245,15 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         for key in sorted({key for step in stats for key in step if key.startswith(("maxvio_batch", "batch_"))}):
             values = [step[key] for step in stats if key in step]
             added[key] = sum(values) / len(values)
-        added.update({key: stats[-1][key] for key in ("bias_abs_max", "bias_abs_mean", "bias_update_factor")})
+        last = ("bias_abs_max", "bias_abs_mean", "bias_update_factor")  # routers without a bias have no bias_abs_*
+        added.update({key: stats[-1][key] for key in last if key in stats[-1]})
         return added
 
     def _evaluation_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """`{prefix}_maxvio_global` (+ per layer) and the load figures of the evaluation that just ended; counting restarts."""
         self._evaluating = False
         loads = self._eval_measurement.stop().loads
-        self._eval_measurement = self.balancer.measure(eval_only=True).start()
+        self._eval_measurement = self.balancer.measure(eval_only=True, all_threads=True).start()
         prefix = next((key[: -len("_runtime")] for key in metrics if key.endswith("_runtime")), "eval")
         if self._evaluation_incomplete:
             self._evaluation_incomplete = False
@@ -207,18 +266,19 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
             return {}
         self.last_eval_loads = loads
         return {
-            **maxvio(loads, self.balancer.layers).metrics(f"{prefix}_maxvio_global"),
-            **load_metrics(loads, prefix),
+            **compute_maxvio(loads, self.balancer.layers).metrics(f"{prefix}_maxvio_global"),
+            **compute_load_metrics(loads, prefix),
+            **compute_layer_spread_metrics(loads, prefix, f"{prefix}_maxvio_global", self.balancer.layers),
         }
 
     def _move_ahead_of_reporters(self, args: TrainingArguments):
         """Move to the front of the calling Trainer's callbacks, so every `report_to` integration sees the metrics.
 
-        Trainer events carry no reference to the Trainer, so the `CallbackHandler` is found on the call stack: the
-        handler calling this event, a few frames up. Moving from place i to 0 while it iterates its list leaves the
+        Trainer events carry no reference to the Trainer, so the `CallbackHandler` is found on the call stack
+        (`compat.calling_handler`). Moving from place i to 0 while it iterates its list leaves the
         callbacks after i where its iterator expects them, so no other callback misses or repeats this event.
         """
-        handler = _calling_handler(self)
+        handler = calling_handler(self)
         if handler is None:
             if args.report_to and not self._placement_warned:
                 self._placement_warned = True
@@ -231,20 +291,6 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         if handler.callbacks[0] is not self:
             handler.callbacks.remove(self)
             handler.callbacks.insert(0, self)
-
-
-def _calling_handler(callback: TrainerCallback, max_depth: int = 8) -> CallbackHandler | None:
-    """The `CallbackHandler` within `max_depth` frames up the call stack whose list holds `callback`, if any."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            frame = frame.f_back if frame is not None else None
-            candidate = frame.f_locals.get("self") if frame is not None else None
-            if isinstance(candidate, CallbackHandler) and any(cb is callback for cb in candidate.callbacks):
-                return candidate
-        return None
-    finally:
-        del frame
 
 
 def _saved_balancer_state(state: TrainerState) -> dict | None:

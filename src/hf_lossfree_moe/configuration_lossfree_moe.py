@@ -15,12 +15,36 @@
 
 Field names follow transformers' MoE models (DeepSeek-V3, GLM-4.5) so tools and users recognise them. Defaults are
 the paper's (Wang et al., arXiv 2408.15664): sigmoid gate, un-normalised gate values, sign rule with u = 1e-3.
-This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`.
+This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`; it
+first checks the installed transformers version, since the shipped model code builds on transformers internals.
 """
 
 import math
 from functools import wraps
 from typing import Literal, get_args
+
+import transformers
+from packaging.specifiers import SpecifierSet
+
+
+# The transformers versions this code is tested with; pyproject.toml requires the same. The model code builds on
+# transformers internals (`create_causal_mask`, `capture_outputs`, `merge_with_config_defaults`, the experts
+# interface) that change between releases: under 5.23 a model loads, then fails at its first forward
+# (`create_causal_mask` takes no `cache` there). Saved configs and model cards state the range.
+TRANSFORMERS_REQUIREMENT = ">=5.24,<6"
+
+
+def check_transformers_version() -> None:
+    """Raise `ImportError` naming the installed and the required transformers versions when they do not match."""
+    installed = transformers.__version__
+    if not SpecifierSet(TRANSFORMERS_REQUIREMENT).contains(installed, prereleases=True):
+        raise ImportError(
+            f"LossFreeMoe needs transformers{TRANSFORMERS_REQUIREMENT}, but transformers {installed} is installed; "
+            f'install a supported version with `pip install "transformers{TRANSFORMERS_REQUIREMENT}"`.'
+        )
+
+
+check_transformers_version()  # before the imports below, which an unsupported version may already fail
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
@@ -98,6 +122,9 @@ class LossFreeMoeConfig(PreTrainedConfig):
         bias_quantile_ema (`float`, defaults to 1.0): Weight of the new candidate in Quantile Balancing's blend
             `b += w * (candidate - b)`; 1 replaces the bias.
         bias_update_momentum (`float`, defaults to 0.9): Momentum mu of the `"smebu"` rule, in [0, 1).
+        bias_quantile_anneal_steps (`int`, defaults to 0): Quantile Balancing only: with A > 0 the weight of the new
+            candidate is 1 for the first A updates (the first one a warm start from the first batch's quantiles),
+            then A / n at update n, never below `bias_quantile_ema`; 0 keeps the constant `bias_quantile_ema`.
         bias_type (`str`, defaults to `"additive"`): `"additive"`: select on `s + b`, b starts at 0;
             `"multiplicative"`: select on `s * b`, b starts at 1 (the paper's ablation).
         router_aux_loss_coef (`float`, *optional*): Weight alpha of the sequence-wise balance loss
@@ -191,6 +218,9 @@ class LossFreeMoeConfig(PreTrainedConfig):
     bias_update_stop_fraction: float | int = 1.0
     bias_quantile_ema: float | int = 1.0
     bias_update_momentum: float | int = 0.9
+    # Quantile Balancing's annealed weight: its scores drift fast early (track them) and its per-batch quantiles are
+    # noisy late (average them); docs/balancing_rules.md has the measurements.
+    bias_quantile_anneal_steps: int = 0
     bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
@@ -216,6 +246,10 @@ class LossFreeMoeConfig(PreTrainedConfig):
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = PAPER_AUX_LOSS_COEF if self.load_balancing == "aux_loss" else 0.0
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The config as saved, stating the transformers versions its model code needs (`transformers_requirement`)."""
+        return {**super().to_dict(), "transformers_requirement": TRANSFORMERS_REQUIREMENT}
 
     @property
     def num_moe_layers(self) -> int:
@@ -294,11 +328,6 @@ class LossFreeMoeConfig(PreTrainedConfig):
 
     def validate_load_balancing(self):
         self._require(
-            _finite(self.bias_update_rate) and self.bias_update_rate >= 0,
-            "bias_update_rate",
-            "a number >= 0 (the paper uses 1e-3)",
-        )
-        self._require(
             _finite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
             "router_aux_loss_coef",
             "a number >= 0",
@@ -343,39 +372,24 @@ class LossFreeMoeConfig(PreTrainedConfig):
             )
 
     def validate_bias_update(self):
+        for field, (accepts, allowed) in BALANCING_FIELD_CHECKS.items():
+            self._require(accepts(getattr(self, field)), field, allowed)
         self._require(
-            self.bias_update_rule != "quantile" or self.bias_type == "additive",
-            "bias_update_rule",
-            "other than 'quantile' with bias_type='multiplicative' (Quantile Balancing computes an additive bias)",
+            quantile_fits_bias_type(self.bias_update_rule, self.bias_type), "bias_update_rule", QUANTILE_NEEDS_ADDITIVE
         )
         self._require(
-            isinstance(self.bias_update_warmup_steps, int) and self.bias_update_warmup_steps >= 0,
-            "bias_update_warmup_steps",
-            "an integer >= 0",
-        )
-        self._require(
-            _finite(self.bias_update_stop_fraction) and 0 < self.bias_update_stop_fraction <= 1,
-            "bias_update_stop_fraction",
-            "a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop)",
-        )
-        self._require(
-            _finite(self.bias_quantile_ema) and 0 < self.bias_quantile_ema <= 1,
-            "bias_quantile_ema",
-            "a number in (0, 1] (the weight of the new candidate; 1: no blending)",
-        )
-        self._require(
-            _finite(self.bias_update_momentum) and 0 <= self.bias_update_momentum < 1,
-            "bias_update_momentum",
-            "a number in [0, 1)",
+            anneal_fits_rule(self.bias_update_rule, self.bias_quantile_anneal_steps),
+            "bias_quantile_anneal_steps",
+            ANNEAL_NEEDS_QUANTILE,
         )
 
     def _require(self, condition: bool, field: str, allowed: str):
         _require(condition, field, allowed, getattr(self, field))
 
 
-def _require(condition: bool, field: str, allowed: str, value):
+def _require(condition: bool, field: str, allowed: str, value, owner: str = "LossFreeMoeConfig."):
     if not condition:
-        raise ValueError(f"LossFreeMoeConfig.{field} must be {allowed}, got {value!r}.")
+        raise ValueError(f"{owner}{field} must be {allowed}, got {value!r}.")
 
 
 def _positive_int(value) -> bool:
@@ -386,6 +400,56 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each balancing field must be, as (test, description): the config's `validate_bias_update` and
+# `hf_lossfree_moe.settings.BalancingSettings` both judge by this table, so a field has one rule and one message.
+BALANCING_FIELD_CHECKS = {
+    "bias_update_rate": (lambda v: _finite(v) and v >= 0, "a number >= 0 (the paper uses 1e-3)"),
+    "bias_update_rule": (lambda v: v in get_args(BiasUpdateRule), f"one of {get_args(BiasUpdateRule)}"),
+    "bias_update_schedule": (lambda v: v in get_args(BiasUpdateSchedule), f"one of {get_args(BiasUpdateSchedule)}"),
+    "bias_update_warmup_steps": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "bias_update_stop_fraction": (
+        lambda v: _finite(v) and 0 < v <= 1,
+        "a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop)",
+    ),
+    "bias_quantile_ema": (
+        lambda v: _finite(v) and 0 < v <= 1,
+        "a number in (0, 1] (the weight of the new candidate; 1: no blending)",
+    ),
+    "bias_update_momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "bias_quantile_anneal_steps": (
+        lambda v: _integer(v) and v >= 0,
+        "an integer >= 0 (0: a constant bias_quantile_ema)",
+    ),
+    "bias_type": (lambda v: v in get_args(BiasType), f"one of {get_args(BiasType)}"),
+}
+QUANTILE_NEEDS_ADDITIVE = (
+    "other than 'quantile' with bias_type='multiplicative' (Quantile Balancing computes an additive bias)"
+)
+
+
+ANNEAL_NEEDS_QUANTILE = "0 unless bias_update_rule='quantile' (it anneals Quantile Balancing's weight)"
+
+
+def anneal_fits_rule(rule, anneal_steps) -> bool:
+    """Only Quantile Balancing has a weight to anneal: a schedule for another rule would silently do nothing."""
+    return rule == "quantile" or anneal_steps == 0
+
+
+def quantile_fits_bias_type(rule, bias_type) -> bool:
+    """Quantile Balancing computes an additive bias: it cannot drive a multiplicative one."""
+    return rule != "quantile" or bias_type == "additive"
+
+
+def check_balancing_field(field: str, value) -> None:
+    """Raise `ValueError` naming `field` when `value` is not what `BALANCING_FIELD_CHECKS` says it must be."""
+    accepts, allowed = BALANCING_FIELD_CHECKS[field]
+    _require(accepts(value), field, allowed, value, owner="")
+
+
 def _allowed(field: str) -> str:
     annotation = LossFreeMoeConfig.__dataclass_fields__[field].type
     options = get_args(annotation)
@@ -394,6 +458,10 @@ def _allowed(field: str) -> str:
     return f"of type {getattr(annotation, '__name__', annotation)}"
 
 
+# Tested with huggingface_hub 2.4 and transformers 5.24: `@strict`'s `__setattr__` raises
+# `StrictDataclassFieldValidationError` for a value of the wrong type, and `validate()` raises
+# `StrictDataclassClassValidationError` caused by the validator's own error (checked in tests/test_compat.py, beside
+# the other workarounds of compat.py; this one stays here, since a saved model folder loads this file alone).
 def _raise_value_errors(config_class):
     """`@strict` wraps a bad value in its own error types; raise the `ValueError` naming the field instead, so every
     invalid value reaches the user the same way, at construction, on assignment and from `config.validate()`."""
@@ -420,4 +488,4 @@ def _raise_value_errors(config_class):
 _raise_value_errors(LossFreeMoeConfig)
 
 
-__all__ = ["LossFreeMoeConfig"]
+__all__ = ["TRANSFORMERS_REQUIREMENT", "LossFreeMoeConfig", "check_transformers_version"]

@@ -76,7 +76,7 @@ def check_routers_follow_config(model: LossFreeMoeForCausalLM) -> None:
                 )
 
 
-def glm4_moe_config(config: LossFreeMoeConfig) -> Glm4MoeConfig:
+def to_glm4_moe_config(config: LossFreeMoeConfig) -> Glm4MoeConfig:
     """The `Glm4MoeConfig` that computes what `config` computes (checked first with `check_glm4_moe_compatible`).
 
     A model without shared experts gets one whose weights are zero (see `glm4_moe_state_dict`): GLM-4.5 always runs
@@ -192,7 +192,7 @@ def export_to_glm4_moe(
     )
 
     with torch.device("meta"):
-        glm_model = Glm4MoeForCausalLM(glm4_moe_config(model.config))
+        glm_model = Glm4MoeForCausalLM(to_glm4_moe_config(model.config))
     glm_model.load_state_dict(glm4_moe_state_dict(model), strict=True, assign=True)
     glm_model.generation_config = copy.deepcopy(model.generation_config)
     glm_model.save_pretrained(save_directory)
@@ -230,4 +230,4 @@ def _saved_tokenizer(source: str) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(source)
 
 
-__all__ = ["check_glm4_moe_compatible", "export_to_glm4_moe", "glm4_moe_config", "glm4_moe_state_dict"]
+__all__ = ["check_glm4_moe_compatible", "export_to_glm4_moe", "to_glm4_moe_config", "glm4_moe_state_dict"]

@@ -9,7 +9,8 @@ instances as they were.
 
 The tracking is per thread, so that a sampling thread (async RL) does not hide the training forwards of another
 thread. `generate_batch` (continuous batching) decodes in a worker thread that it starts while its caller waits: a
-thread started during a `generate_batch` call in progress counts as generating until the call returns.
+thread started during a `generate_batch` call in progress counts as generating until the call returns, on behalf of
+the caller (`calling_thread`).
 """
 
 import threading
@@ -22,6 +23,8 @@ from torch import nn
 
 GENERATION_METHODS = ("generate", "generate_batch")
 _ABSENT = object()
+# A generate_batch call in progress: the thread that made it, and the threads alive when it began.
+BatchCall = tuple[threading.Thread, frozenset[threading.Thread]]
 
 
 class GenerationTracker:
@@ -30,8 +33,9 @@ class GenerationTracker:
     def __init__(self, model: nn.Module):
         self._calls = 0  # in all threads: while 0, `active` is one comparison
         self._local = threading.local()  # .depth: the calls in progress in this thread
-        # Per generate_batch call in progress: the threads alive when it began, so its worker is any thread not in it.
-        self._batch_calls: tuple[frozenset[threading.Thread], ...] = ()
+        # Per generate_batch call in progress: its caller and the threads alive when it began, so that its worker is
+        # any thread not among them.
+        self._batch_calls: tuple[BatchCall, ...] = ()
         self._lock = threading.Lock()
         self._wrapped: list[tuple[nn.Module, str, Any, types.MethodType]] = []
         for module in model.modules():
@@ -49,7 +53,13 @@ class GenerationTracker:
         if getattr(self._local, "depth", 0):
             return True
         thread = threading.current_thread()
-        return any(thread not in before for before in self._batch_calls)
+        return any(thread not in before for _, before in self._batch_calls)
+
+    def calling_thread(self) -> threading.Thread:
+        """The thread a forward of this thread runs for: the caller of the `generate_batch` call it is the worker of,
+        else itself."""
+        thread = threading.current_thread()
+        return next((caller for caller, before in self._batch_calls if thread not in before), thread)
 
     def remove(self):
         """Delete every wrapper still in place; a wrapper something else has since replaced stays, counting for no one."""
@@ -67,32 +77,34 @@ class GenerationTracker:
         tracker = self
 
         def tracked(self_module, *args, **kwargs):
-            before = frozenset(threading.enumerate()) if name == "generate_batch" else None
-            tracker._enter(before)
+            batch_call = (
+                (threading.current_thread(), frozenset(threading.enumerate())) if name == "generate_batch" else None
+            )
+            tracker._enter(batch_call)
             try:
                 if previous is not _ABSENT:
                     return previous(*args, **kwargs)
                 return getattr(type(self_module), name)(self_module, *args, **kwargs)
             finally:
-                tracker._exit(before)
+                tracker._exit(batch_call)
 
         # Bound to the instance, so a deep copy of the model (a reference model) generates with the copy.
         wrapper = types.MethodType(tracked, module)
         module.__dict__[name] = wrapper
         self._wrapped.append((module, name, previous, wrapper))
 
-    def _enter(self, before: frozenset[threading.Thread] | None):
+    def _enter(self, batch_call: BatchCall | None):
         self._local.depth = getattr(self._local, "depth", 0) + 1
         with self._lock:
             self._calls += 1
-            if before is not None:
-                self._batch_calls += (before,)
+            if batch_call is not None:
+                self._batch_calls += (batch_call,)
 
-    def _exit(self, before: frozenset[threading.Thread] | None):
+    def _exit(self, batch_call: BatchCall | None):
         with self._lock:
-            if before is not None:
+            if batch_call is not None:
                 calls = list(self._batch_calls)
-                calls.remove(before)
+                calls.remove(batch_call)
                 self._batch_calls = tuple(calls)
             self._calls -= 1
         self._local.depth -= 1

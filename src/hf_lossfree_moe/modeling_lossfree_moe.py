@@ -20,9 +20,14 @@ Attention, norms, rotary embeddings and caches are transformers' own; so are the
 `sorted_mm` (sorted_experts.py), faster on CPU.
 `load_balancing="expert_choice"` swaps the router for Expert Choice routing (Zhou et al., 2022), the paper's
 non-causal baseline: a research tool, never a text generator (docs/expert_choice.md).
-This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`.
+This file imports nothing from `hf_lossfree_moe`, so a saved model folder loads with `trust_remote_code=True`. It
+imports its configuration first, which stops an unsupported transformers version with an error naming the versions.
 """
 
+from .configuration_lossfree_moe import LossFreeMoeConfig
+
+
+# isort: split
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -50,7 +55,6 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_lossfree_moe import LossFreeMoeConfig
 from .sorted_experts import SORTED_MM
 
 

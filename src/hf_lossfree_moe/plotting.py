@@ -16,7 +16,6 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import LossFreeBalancingCallback
 from .routers import layer_numbers
@@ -57,13 +56,15 @@ class RoutingHistory:
 class RoutingHistoryRecorder(TrainerCallback):
     """Records `balancing.balancer.biases()` at each training log and the loads of each evaluation.
 
-    Add it after the `LossFreeBalancingCallback` it reads from, so biases are recorded after that step's update.
-    Pass the `history` of a checkpoint to continue it when resuming.
+    Add it after the `LossFreeBalancingCallback` it reads from, so biases are recorded after that step's update; that
+    callback writes the history into each checkpoint before the checkpoint counts as done. Pass the `history` of a
+    checkpoint to continue it when resuming.
     """
 
     def __init__(self, balancing: LossFreeBalancingCallback, history: RoutingHistory | None = None):
         self.balancing = balancing
         self.history = RoutingHistory() if history is None else history
+        balancing.add_checkpoint_file(ROUTING_HISTORY_FILE, lambda path, step: self.history.save(path))
 
     def record(self, step: int) -> None:
         if self.history.steps and self.history.steps[-1] == step:
@@ -86,11 +87,6 @@ class RoutingHistoryRecorder(TrainerCallback):
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.balancing.last_eval_loads is not None:
             self.history.eval_loads = self.balancing.last_eval_loads.tolist()
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.should_save and checkpoint.is_dir():
-            self.history.save(checkpoint / ROUTING_HISTORY_FILE)
 
 
 def layer_labels(router_names: list[str], layers: list[int] | None = None) -> list[str]:
@@ -193,15 +189,22 @@ def draw_run_plots(run_dir: str | Path) -> list[Path]:
         if not (run_dir / name).is_file():
             raise ValueError(f"{run_dir} holds no {name}; is it the output folder of a finished training run?")
     log_history = json.loads((run_dir / TRAINER_STATE_FILE).read_text(encoding="utf-8"))["log_history"]
-    history = RoutingHistory.load(run_dir / ROUTING_HISTORY_FILE)
-    paths = [
-        plot_maxvio_batch(log_history, history.router_names, run_dir / MAXVIO_PLOT, history.layers),
-        plot_bias_trajectories(history, run_dir / BIAS_PLOT),
-    ]
+    return draw_plots(log_history, RoutingHistory.load(run_dir / ROUTING_HISTORY_FILE), run_dir)
+
+
+def draw_plots(log_history: list[dict], history: RoutingHistory, folder: str | Path) -> list[Path]:
+    """Draw into `folder` the plots a run's logs and routing history allow: MaxVio_batch when training was logged,
+    bias trajectories when the routers have biases, the load heatmap after an evaluation; returns their paths."""
+    folder = Path(folder)
+    paths = []
+    if any("maxvio_batch" in entry for entry in log_history):
+        paths.append(plot_maxvio_batch(log_history, history.router_names, folder / MAXVIO_PLOT, history.layers))
+    if history.biases and len(history.biases[0][0]) > 0:
+        paths.append(plot_bias_trajectories(history, folder / BIAS_PLOT))
     if history.eval_loads is not None:
         paths.append(
             plot_eval_load_heatmap(
-                history.eval_loads, history.router_names, run_dir / LOAD_HEATMAP_PLOT, layers=history.layers
+                history.eval_loads, history.router_names, folder / LOAD_HEATMAP_PLOT, layers=history.layers
             )
         )
     return paths

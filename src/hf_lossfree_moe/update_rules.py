@@ -16,6 +16,10 @@ the router's scores there and then, so that no score matrix outlives its forward
   received exactly its share. The candidate bias `-beta` is averaged over the router calls of the step (and the
   ranks), re-centred to mean 0 and blended in: `b += w * (candidate - b)`, with w the EMA weight (1: replace).
 
+With `anneal_steps` A > 0 Quantile Balancing's weight anneals: 1 for the first A updates (so the first is a warm start,
+the bias set from the first batch's quantiles), then `A / n` at update n, which averages the candidates over a window
+that grows with training, and never below the weight given (see `quantile_weight`).
+
 A schedule scales the step of every rule (u, or w for `"quantile"`) by a factor in [0, 1] that depends on the
 number n = 1, 2, ... of the update being applied and on the total number of optimizer steps N.
 """
@@ -26,7 +30,7 @@ from typing import get_args
 
 import torch
 
-from .configuration_lossfree_moe import BiasUpdateRule, BiasUpdateSchedule
+from .configuration_lossfree_moe import BiasUpdateRule, BiasUpdateSchedule, check_balancing_field
 
 
 UPDATE_RULES = get_args(BiasUpdateRule)
@@ -51,7 +55,9 @@ class UpdateSchedule:
     stop_fraction: float = 1.0
 
     def __post_init__(self):
-        check_schedule(self.kind, self.warmup_steps, self.stop_fraction)
+        check_balancing_field("bias_update_schedule", self.kind)
+        check_balancing_field("bias_update_warmup_steps", self.warmup_steps)
+        check_balancing_field("bias_update_stop_fraction", self.stop_fraction)
 
     @property
     def needs_total_steps(self) -> bool:
@@ -87,34 +93,19 @@ def check_total_steps(total_steps) -> None:
         )
 
 
-def check_schedule(kind, warmup_steps, stop_fraction) -> None:
-    """Raise `ValueError` naming a bad schedule setting."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"bias_update_schedule must be one of {SCHEDULES}, got {kind!r}.")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"bias_update_warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
-    if not (_is_real(stop_fraction) and 0 < stop_fraction <= 1):
-        raise ValueError(
-            f"bias_update_stop_fraction must be a number in (0, 1] (DeepSeek-V3: 0.966; 1: never stop), "
-            f"got {stop_fraction!r}."
-        )
+def quantile_weight(update: int, ema: float, anneal_steps: int = 0) -> float:
+    """Weight w of the new candidate at Quantile Balancing's update number `update` (1-based).
 
-
-def check_rule_options(rule, quantile_ema, momentum) -> None:
-    """Raise `ValueError` naming a bad rule or rule option."""
-    if rule not in UPDATE_RULES:
-        raise ValueError(f"bias_update_rule must be one of {UPDATE_RULES}, got {rule!r}.")
-    if not (_is_real(quantile_ema) and 0 < quantile_ema <= 1):
-        raise ValueError(
-            f"bias_quantile_ema must be a number in (0, 1] (the weight of the new candidate; 1: no blending), "
-            f"got {quantile_ema!r}."
-        )
-    if not (_is_real(momentum) and 0 <= momentum < 1):
-        raise ValueError(f"bias_update_momentum must be a number in [0, 1), got {momentum!r}.")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    With `anneal_steps` A = 0, the constant `ema`. With A > 0, `max(ema, min(1, A / update))`: each of the first A
+    updates replaces the bias by its step's candidate, tracking the fast early drift of the router's scores, and the
+    weight then falls as 1 / n, an average over the last ~n / A steps, so the per-batch noise of the quantiles shrinks
+    as training settles; `ema` is the floor.
+    """
+    if isinstance(update, bool) or not isinstance(update, int) or update < 1:
+        raise ValueError(f"update must be an integer >= 1, got {update!r}.")
+    if anneal_steps == 0:
+        return ema
+    return max(ema, min(1.0, anneal_steps / update))
 
 
 @torch.no_grad()
@@ -186,9 +177,8 @@ __all__ = [
     "SCHEDULES",
     "UPDATE_RULES",
     "UpdateSchedule",
-    "check_rule_options",
-    "check_schedule",
     "check_total_steps",
     "quantile_candidate",
+    "quantile_weight",
     "rule_update",
 ]

@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from hf_lossfree_moe.load_metrics import maxvio
+from hf_lossfree_moe.balance_metrics import compute_maxvio
 
 
 _CITATION = """\
@@ -51,7 +51,7 @@ class Maxvio(evaluate.Metric):
         widths = {len(row) for row in loads}
         if len(widths) != 1:
             raise ValueError(f"loads must have one row per layer of equal width, got row widths {sorted(widths)}.")
-        result = maxvio(loads)
+        result = compute_maxvio(loads)
         return {
             "maxvio": result.mean,
             "maxvio_per_layer": [result.per_layer.get(layer) for layer in range(len(loads))],

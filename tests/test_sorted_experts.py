@@ -6,8 +6,8 @@ from transformers import Glm4MoeConfig, GptOssConfig
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeExperts
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from hf_lossfree_moe import LossFreeMoeForCausalLM, LossFreeMoeSparseMoeBlock
-from hf_lossfree_moe.modeling_lossfree_moe import LossFreeMoeExperts
+from hf_lossfree_moe import LossFreeMoeForCausalLM
+from hf_lossfree_moe.modeling_lossfree_moe import LossFreeMoeExperts, LossFreeMoeSparseMoeBlock
 from hf_lossfree_moe.sorted_experts import SORTED_MM, _ExpertRows, _ExpertsLinear, _grouped_mm_applies
 
 
