@@ -133,7 +133,11 @@ def plot_training_loss(results: Sequence[RunResult], path: str | Path) -> Path:
             continue
         window = max(1, len(run.train_loss) // 50)
         ax.plot(range(1, len(run.train_loss) + 1), moving_average(run.train_loss, window), label=METHODS[name].label)
-    ax.set(xlabel="training step", ylabel="training loss (moving average)", title="Training loss: the leak at work")
+    ax.set(
+        xlabel="training step",
+        ylabel="training loss (moving average)",
+        title="Training loss: loss-free balancing and Expert Choice",
+    )
     ax.grid(True, alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8)
     fig.savefig(path, dpi=120)
