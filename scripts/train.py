@@ -521,20 +521,11 @@ def prepare(
 
 
 def load_history(checkpoint: str | None) -> "RoutingHistory | None":
-    """The routing history saved with `checkpoint`, so a resumed run's plots cover the whole run.
+    """The routing history saved with `checkpoint`, so a resumed run's plots cover the whole run (a warning says
+    when the checkpoint holds none)."""
+    from hf_lossfree_moe.plotting import checkpoint_history
 
-    A checkpoint without one (a plain Trainer's) starts the history at its step, which is said, not left to notice
-    on the plots.
-    """
-    from hf_lossfree_moe.plotting import RoutingHistory
-
-    if checkpoint is None:
-        return None
-    path = Path(checkpoint, ROUTING_HISTORY_FILE)
-    if not path.is_file():
-        print(f"{checkpoint} holds no {ROUTING_HISTORY_FILE}: the routing history and its plots start at its step.")
-        return None
-    return RoutingHistory.load(path)
+    return None if checkpoint is None else checkpoint_history(checkpoint)
 
 
 def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:

@@ -2,6 +2,7 @@
 
 import glob
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,39 @@ def test_a_stock_family_without_a_bias_gets_its_plots_and_section(tmp_path):
     assert f"| MaxVio_global, layer 0 | {metrics['eval_maxvio_global/layer_0']:.4f} |" in section
     assert f"| MaxVio_global, layer 1 | {metrics['eval_maxvio_global/layer_1']:.4f} |" in section
     assert BIAS_PLOT not in section
+
+
+def test_a_resumed_run_continues_the_routing_history_of_its_checkpoint(tiny_config, tmp_path):
+    """Resumed from step 2 of 4, the history holds every logged step of the run, as the uninterrupted run's does;
+    resumed from a checkpoint without the file, it starts at step 2, with a warning."""
+
+    def train(output_dir, resume_from_checkpoint=None):
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        model = LossFreeMoeForCausalLM(tiny_config())
+        callback = LossFreeBalancingCallback()
+        Trainer(model=model, args=args, train_dataset=examples(16, 1), callbacks=[callback]).train(
+            resume_from_checkpoint=resume_from_checkpoint
+        )
+        return RoutingHistory.load(Path(output_dir, ROUTING_HISTORY_FILE))
+
+    uninterrupted = train(tmp_path / "a")
+    assert uninterrupted.steps == [0, 1, 2, 3, 4]
+    resumed = train(tmp_path / "b", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.steps == [0, 1, 2, 3, 4]
+    assert resumed.biases == uninterrupted.biases
+
+    (tmp_path / "a" / "checkpoint-2" / ROUTING_HISTORY_FILE).unlink()
+    with pytest.warns(UserWarning, match=f"No {ROUTING_HISTORY_FILE} to continue .*checkpoint-2 holds none"):
+        started_late = train(tmp_path / "c", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert started_late.steps == [2, 3, 4]

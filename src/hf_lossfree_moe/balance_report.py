@@ -16,7 +16,8 @@ from transformers import TrainerState, TrainingArguments
 from transformers.integrations import TensorBoardCallback, WandbCallback
 
 from .model_card import BALANCE_SECTION_FILE, render_balance_section
-from .plotting import ROUTING_HISTORY_FILE, RoutingHistoryRecorder, draw_plots
+from .plotting import RoutingHistory, RoutingHistoryRecorder, draw_plots
+from .run_files import ROUTING_HISTORY_FILE
 
 
 if TYPE_CHECKING:
@@ -28,9 +29,9 @@ IMAGE_TAG_PREFIX = "balance"
 class BalanceReport:
     """Routing history of one training run and the files and images drawn from it."""
 
-    def __init__(self, balancing: "LossFreeBalancingCallback"):
+    def __init__(self, balancing: "LossFreeBalancingCallback", history: RoutingHistory | None = None):
         self.balancing = balancing
-        self.recorder = RoutingHistoryRecorder(balancing)
+        self.recorder = RoutingHistoryRecorder(balancing, history)
         self.training_ended = False
 
     @property

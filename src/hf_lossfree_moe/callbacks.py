@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .balance_metrics import compute_layer_spread_metrics, compute_load_metrics, compute_maxvio
 from .balancing import LoadMeasurement, LossFreeBalancer
 from .checkpoints import fault_point
-from .compat import calling_handler
+from .compat import calling_handler, resumed_checkpoint
 from .settings import BalancingSettings
 
 
@@ -46,6 +46,8 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     With `report=True` (the default) it also writes, at the end of training and again after each later evaluation,
     the run's routing history, plots and a model-card section into `args.output_dir`, and sends the plots to
     TensorBoard / W&B when the Trainer reports to them (see `balance_report.py`, docs/balancing.md#plots-and-the-card).
+    A resumed run continues the routing history saved in the checkpoint it resumes from (a warning says when that
+    checkpoint holds none).
 
     Pass it the ordinary way, `Trainer(..., callbacks=[LossFreeBalancingCallback()])`: when the Trainer first calls
     it, it moves ahead of the `report_to` integrations, so they all receive its metrics. A model has one balancer:
@@ -218,12 +220,15 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         return self._write_report(args, state)
 
     def _start_report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl):
-        """A new routing history at each `train()` (imported here: plotting needs matplotlib, the package does not)."""
+        """A new routing history at each `train()`, continuing the one saved in the checkpoint a resumed run starts
+        from (imported here: plotting needs matplotlib, the package does not)."""
         if not self._write_reports:
             return
         from .balance_report import BalanceReport
+        from .plotting import checkpoint_history
 
-        self.report = BalanceReport(self)
+        history = checkpoint_history(resumed_checkpoint()) if state.global_step > 0 else None
+        self.report = BalanceReport(self, history)
         self.report.recorder.on_train_begin(args, state, control)
 
     def _write_report(self, args: TrainingArguments, state: TrainerState) -> list:

@@ -41,6 +41,30 @@ def calling_handler(callback: "TrainerCallback", max_depth: int = 8) -> "Callbac
         del frame
 
 
+# Tested with transformers 5.24: `Trainer._inner_training_loop` holds the checkpoint it resumes from in its local
+# `resume_from_checkpoint` (None for a fresh run) when it calls `on_train_begin` through the `CallbackHandler`.
+def resumed_checkpoint(max_depth: int = 8) -> str | None:
+    """The checkpoint folder the `Trainer` calling this `on_train_begin` resumes from, or None if none is found.
+
+    `TrainerState` does not say where it was loaded from, and the files a callback keeps in its checkpoints (the
+    routing history) must be read back from that folder, which need not be under the run's `output_dir`.
+    """
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            if isinstance(frame.f_locals.get("self"), Trainer) and "resume_from_checkpoint" in frame.f_locals:
+                checkpoint = frame.f_locals["resume_from_checkpoint"]
+                return None if checkpoint is None else str(checkpoint)
+        return None
+    finally:
+        del frame
+
+
 # Tested with transformers 5.24: DeepSeek-V3-style routers apply sigmoid; Kolibri-1 adds the bias to the raw
 # `router_logits` (`router_logits + self.e_score_correction_bias`) and applies the sigmoid to the chosen weights only.
 def scoring_function_from_source(router_class: type, bias_name: str) -> str:
@@ -65,4 +89,4 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-__all__ = ["calling_handler", "in_backward", "scoring_function_from_source"]
+__all__ = ["calling_handler", "in_backward", "resumed_checkpoint", "scoring_function_from_source"]

@@ -7,6 +7,7 @@ figures are built with `matplotlib.figure.Figure`, so no pyplot state or display
 """
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,24 @@ class RoutingHistory:
     @classmethod
     def load(cls, path: str | Path) -> "RoutingHistory":
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def checkpoint_history(checkpoint: str | Path | None) -> RoutingHistory | None:
+    """The routing history saved with `checkpoint`, so a resumed run's history and plots cover the whole run.
+
+    A checkpoint without one (a plain Trainer's, or one whose folder cannot be found) starts the history at its step,
+    which is said with a warning, not left to notice on the plots.
+    """
+    path = None if checkpoint is None else Path(checkpoint, ROUTING_HISTORY_FILE)
+    if path is None or not path.is_file():
+        where = "the checkpoint being resumed could not be found" if checkpoint is None else f"{checkpoint} holds none"
+        warnings.warn(
+            f"No {ROUTING_HISTORY_FILE} to continue ({where}): the routing history and its plots start at the "
+            "resumed step.",
+            stacklevel=2,
+        )
+        return None
+    return RoutingHistory.load(path)
 
 
 class RoutingHistoryRecorder(TrainerCallback):
