@@ -352,6 +352,12 @@ def check_checkpoint(checkpoint: str | None) -> None:
 
 def check_before_work(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """The checks that need nothing loaded, run before the model code, the data or the Trainer is touched."""
+    if training_args.restore_callback_states_from_checkpoint:
+        raise ValueError(
+            "--restore_callback_states_from_checkpoint is not supported: the balancing callback resumes its state "
+            "from the checkpoint by itself, and the Trainer's rebuilt copy would leave this script's routing history "
+            "reading the replaced one; leave the flag off."
+        )
     check_hub_access(training_args)
     if training_args.resume_from_checkpoint is None:
         check_finished_output_dir(training_args.output_dir, model_args.overwrite_output_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerState, TrainingArguments
 
-from hf_lossfree_moe import LossFreeMoeForCausalLM, add_balancing_callback
+from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM, add_balancing_callback
 from hf_lossfree_moe.checkpoints import FAULT_VARIABLE, check_complete, fault_point, newest_complete_checkpoint
 from hf_lossfree_moe.plotting import RoutingHistory, RoutingHistoryRecorder
 from hf_lossfree_moe.run_files import ROUTING_HISTORY_FILE, TRAINER_STATE_FILE
@@ -104,3 +104,40 @@ def test_callback_writes_its_files_before_each_checkpoint_counts_as_done(tiny_co
     assert history.steps == [0, 2, 4]
     assert torch.tensor(history.biases[-1]).equal(balancing.balancer.biases())
     assert json.loads((tmp_path / "checkpoint-4" / "note.json").read_text()) == {"step": 4}
+
+
+def test_a_callback_the_trainer_rebuilds_from_a_checkpoint_keeps_writing_the_registered_files(tiny_config, tmp_path):
+    """With `restore_callback_states_from_checkpoint`, the Trainer replaces the live callback by one built from the
+    checkpoint's saved arguments: that one still writes the registered files, and keeps `report=False`. A checkpoint
+    that lacks a file its trainer_state.json names is incomplete."""
+    inputs = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 128, (8, 12)).tolist()]
+
+    def train(output_dir, resume_from_checkpoint=None):
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=2,
+            max_steps=4,
+            save_steps=2,
+            restore_callback_states_from_checkpoint=True,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        balancing = LossFreeBalancingCallback(report=False)
+        balancing.add_checkpoint_file("note.json", lambda path, step: path.write_text(json.dumps({"step": step})))
+        trainer = Trainer(model=LossFreeMoeForCausalLM(tiny_config()), args=args, train_dataset=inputs)
+        add_balancing_callback(trainer, balancing)
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        return trainer, balancing
+
+    train(tmp_path / "a")
+    resumed, live = train(tmp_path / "b", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    rebuilt = next(cb for cb in resumed.callback_handler.callbacks if isinstance(cb, LossFreeBalancingCallback))
+    assert rebuilt is not live and rebuilt.report is None  # report=False came back with the saved arguments
+    assert not (tmp_path / "b" / ROUTING_HISTORY_FILE).exists()
+    assert json.loads((tmp_path / "b" / "checkpoint-4" / "note.json").read_text()) == {"step": 4}
+    check_complete(tmp_path / "b" / "checkpoint-4")
+
+    (tmp_path / "b" / "checkpoint-4" / "note.json").unlink()
+    with pytest.raises(ValueError, match=r"^checkpoint-4 is incomplete: it lacks note.json"):
+        check_complete(tmp_path / "b" / "checkpoint-4")

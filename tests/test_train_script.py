@@ -406,6 +406,7 @@ def small_csv(tmp_path):
         (["--model_name_or_path", "./no/such/model"], r"--model_name_or_path ./no/such/model: no such folder"),
         (["--tokenizer_name", "outputs/no/tokenizer"], r"--tokenizer_name outputs/no/tokenizer: no such folder"),
         (["--resume_with_new_data"], "--resume_with_new_data only applies with --resume_from_checkpoint"),
+        (["--restore_callback_states_from_checkpoint"], "--restore_callback_states_from_checkpoint is not supported"),
     ],
 )
 def test_bad_arguments_stop_before_training(tmp_path, arguments, message):

@@ -8,6 +8,7 @@ Trainer's list the first time the Trainer calls it; `add_balancing_callback(trai
 """
 
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,14 @@ from .settings import BalancingSettings
 
 if TYPE_CHECKING:
     import torch.distributed as dist
+    from torch import nn
     from transformers import Trainer
+
+
+# The callback that attached to each model last. A callback the Trainer rebuilds from a checkpoint's saved arguments
+# (`restore_callback_states_from_checkpoint=True`) replaces a live one on the same model, and takes over from it what
+# cannot be saved in trainer_state.json: its registered checkpoint files and its process group.
+_LAST_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, LossFreeBalancingCallback]" = weakref.WeakKeyDictionary()
 
 
 class LossFreeBalancingCallback(TrainerCallback, ExportableState):
@@ -101,6 +109,8 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self._evaluation_incomplete = False
         self._step_stats: list[dict[str, float]] = []
         self._checkpoint_files: dict[str, Callable[[Path, int], None]] = {}
+        # Set by Trainer on the callback it rebuilds from a checkpoint, from the attributes `state()` saves.
+        self.rebuilt_from_checkpoint = False
         self._training: tuple[TrainingArguments, TrainerState] | None = None
 
     def add_checkpoint_file(self, name: str, write: Callable[[Path, int], None]) -> None:
@@ -125,6 +135,7 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
             self.balancer.remove()
         self.balancer = LossFreeBalancer(model, self.settings, process_group=self.process_group)
         self._attached_to = model
+        _LAST_ATTACHED[model] = self
         # Every thread's: an evaluation may run in another thread than the one that built the Trainer.
         self._eval_measurement = self.balancer.measure(eval_only=True, all_threads=True).start()
 
@@ -137,6 +148,8 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
         self._move_ahead_of_reporters(args)
+        if self.rebuilt_from_checkpoint:
+            self._take_over_from(_LAST_ATTACHED.get(model))
         self.attach(model)
         if state.max_steps and state.max_steps > 0:
             self.balancer.total_steps = state.max_steps
@@ -149,6 +162,15 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self._step_stats = []
         self._training = (args, state)
         self._start_report(args, state, control)
+
+    def _take_over_from(self, replaced: "LossFreeBalancingCallback | None") -> None:
+        """Keep the checkpoint files and process group of the live callback this rebuilt one replaces."""
+        self.rebuilt_from_checkpoint = False
+        if replaced is None or replaced is self:
+            return
+        self._checkpoint_files = {**replaced._checkpoint_files, **self._checkpoint_files}
+        if self.process_group is None:
+            self.process_group = replaced.process_group
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._training = None
@@ -168,9 +190,13 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
             checkpoint = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if args.should_save and checkpoint.is_dir():
                 self.write_checkpoint_files(checkpoint, state.global_step)
-        args = self.settings.to_dict()
-        balancer_state = None if self.balancer is None else self.balancer.state_dict()
-        return {"args": args, "attributes": {"balancer_state": balancer_state}}
+        args = {**self.settings.to_dict(), "report": self._write_reports}
+        attributes = {
+            "balancer_state": None if self.balancer is None else self.balancer.state_dict(),
+            "checkpoint_files": sorted(self._checkpoint_files),
+            "rebuilt_from_checkpoint": True,  # what the Trainer's rebuilt copy (and only it) is given
+        }
+        return {"args": args, "attributes": attributes}
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         fault_point("after_trainer_state", state.global_step)

@@ -24,6 +24,8 @@ from .run_files import TRAINER_STATE_FILE
 
 
 FAULT_VARIABLE = "HF_LOSSFREE_MOE_FAULT"
+# The name under which trainer_state.json keeps `LossFreeBalancingCallback.state()`.
+BALANCING_CALLBACK = "LossFreeBalancingCallback"
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -35,14 +37,23 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 
 def missing_part(checkpoint: str | Path) -> str | None:
-    """What `checkpoint` lacks to be complete, None if nothing: a readable `trainer_state.json`, written last."""
+    """What `checkpoint` lacks to be complete, None if nothing: a readable `trainer_state.json`, written last, and
+    the files the balancing callback registered, which that state names."""
     try:
-        TrainerState.load_from_json(str(Path(checkpoint, TRAINER_STATE_FILE)))
+        state = TrainerState.load_from_json(str(Path(checkpoint, TRAINER_STATE_FILE)))
     except FileNotFoundError:
         return TRAINER_STATE_FILE
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
         return f"a readable {TRAINER_STATE_FILE} (it is cut short)"
-    return None
+    missing = [name for name in registered_files(state) if not Path(checkpoint, name).is_file()]
+    return ", ".join(missing) if missing else None
+
+
+def registered_files(state: TrainerState) -> list[str]:
+    """The files the balancing callback wrote into the checkpoint whose state is `state` (none for older ones)."""
+    saved = (state.stateful_callbacks or {}).get(BALANCING_CALLBACK, [])
+    saved = saved if isinstance(saved, list) else [saved]
+    return [name for entry in saved for name in entry.get("attributes", {}).get("checkpoint_files", [])]
 
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
