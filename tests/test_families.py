@@ -255,6 +255,13 @@ def test_routers_without_a_bias_refuse_to_be_balanced_and_cannot_be_mixed_with_b
         LossFreeBalancer(model, bias_update_rate=1e-3)
     with pytest.raises(ValueError, match="have no bias, so the balancer only measures"):
         LossFreeBalancer(model, frozen=False)
+    balancer = LossFreeBalancer(model)
+    for name, value in (("frozen", False), ("frozen", None), ("update_rate", 1e-2)):
+        with pytest.raises(ValueError, match="have no bias, so the balancer only measures"):
+            setattr(balancer, name, value)  # as the constructor refuses it, not a crash at the next step()
+    balancer.update_rate = 0.0
+    assert balancer.frozen is True and balancer.step()["bias_updated"] == 0.0
+    balancer.remove()
     with pytest.raises(ValueError, match="must give num_experts"):
         RouterLocation(model.model.layers[0].mlp.gate, None, None)
     add_selection_bias(model.model.layers[0])  # layer 0's router gets a bias, layer 1's not

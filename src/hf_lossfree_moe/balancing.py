@@ -113,6 +113,7 @@ class LossFreeBalancer:
         if not found[0].has_bias:
             _check_measure_only(model, requested)
             self.frozen = True
+            self._settings.add_assignment_check(lambda name, value: _refuse_updates(model, name, value))
         for previous in {_BALANCER_OF_ROUTER[r.module] for r in found if r.module in _BALANCER_OF_ROUTER}:
             previous.remove()  # two balancers would count every token twice
         for router in found:
@@ -319,10 +320,20 @@ def _check_quantile_scores(found: list[FoundRouter], rule: str) -> None:
 def _check_measure_only(model: nn.Module, requested: BalancingSettings):
     """Routers without a bias are only measured: refuse a request to update what does not exist."""
     if requested.frozen is False or (requested.bias_update_rate is not None and requested.bias_update_rate > 0):
-        raise ValueError(
-            f"The routers of {type(model).__name__} have no bias, so the balancer only measures their loads; leave "
-            "bias_update_rate and frozen unset, or give them a bias first with `add_selection_bias(model)`."
-        )
+        raise ValueError(_measure_only_message(model))
+
+
+def _refuse_updates(model: nn.Module, name: str, value) -> None:
+    """The same refusal for a later assignment to the settings of a balancer that only measures (frozen is True)."""
+    if (name == "frozen" and value is not True) or (name == "bias_update_rate" and value > 0):
+        raise ValueError(_measure_only_message(model))
+
+
+def _measure_only_message(model: nn.Module) -> str:
+    return (
+        f"The routers of {type(model).__name__} have no bias, so the balancer only measures their loads; leave "
+        "bias_update_rate and frozen unset, or give them a bias first with `add_selection_bias(model)`."
+    )
 
 
 __all__ = ["LoadMeasurement", "LossFreeBalancer"]
