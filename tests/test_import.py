@@ -47,3 +47,15 @@ def test_every_public_name_resolves_and_is_listed():
 def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="has no attribute 'LossFreeBalancerr'"):
         hf_lossfree_moe.LossFreeBalancerr  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "name", ["LossFreeMoeTopkRouter", "LossFreeMoeExperts", "LossFreeMoeSparseMoeBlock", "sequence_balance_loss"]
+)
+def test_names_earlier_releases_exported_still_resolve_with_a_deprecation_warning(name):
+    from hf_lossfree_moe import modeling_lossfree_moe
+
+    with pytest.warns(DeprecationWarning, match=rf"hf_lossfree_moe.{name} is deprecated; import it from "):
+        value = getattr(hf_lossfree_moe, name)
+    assert value is getattr(modeling_lossfree_moe, name)
+    assert name not in hf_lossfree_moe.__all__

@@ -12,6 +12,7 @@ from hf_lossfree_moe import (
     LossFreeMoeForCausalLM,
 )
 from hf_lossfree_moe.testing_utils import build_tiny_model
+from hf_lossfree_moe.update_rules import UpdateSchedule
 
 
 @pytest.mark.parametrize(
@@ -80,6 +81,46 @@ def test_config_names_and_the_names_of_earlier_releases_set_the_same_setting(mod
         LossFreeBalancer(model, update_rate=1e-2, bias_update_rate=1e-3)
     with pytest.raises(TypeError, match="Unexpected balancing setting 'update_rates'"):
         LossFreeBalancer(model, update_rates=1e-2)
+
+
+def test_the_spellings_of_earlier_releases_still_work_with_a_deprecation_warning(model):
+    """Positional settings in the earlier order (update_rate, rule, bias_type, center, frozen, process_group, ...),
+    `balancer.schedule = ...` and `callback.balancer_kwargs`."""
+    spelled = r"pass them by keyword: LossFreeBalancer\(\.\.\., bias_update_rate=0.01, bias_update_rule='error'\)"
+    with pytest.warns(DeprecationWarning, match=spelled):
+        balancer = LossFreeBalancer(model, 1e-2, "error")
+    assert (balancer.update_rate, balancer.rule) == (1e-2, "error")
+    with pytest.warns(DeprecationWarning):
+        balancer = LossFreeBalancer(model, None, "sign", "additive", True, True, None, "linear_warmup", 4)
+    assert (balancer.update_rate, balancer.center, balancer.frozen) == (1e-3, True, True)  # the config's rate
+    assert (balancer.schedule.kind, balancer.schedule.warmup_steps) == ("linear_warmup", 4)
+    with pytest.raises(TypeError, match="got 'rule' both by position and by keyword"):
+        LossFreeBalancer(model, 1e-2, "sign", rule="error")
+
+    with pytest.warns(DeprecationWarning, match="set balancer.settings.bias_update_schedule"):
+        balancer.schedule = UpdateSchedule("cosine", 2, 0.5)
+    assert balancer.schedule == UpdateSchedule("cosine", 2, 0.5)
+    assert balancer.settings.bias_update_stop_fraction == 0.5
+
+    with pytest.warns(DeprecationWarning, match="LossFreeBalancingCallback\\(\\.\\.\\., bias_update_rate=0.01, "):
+        callback = LossFreeBalancingCallback(1e-2, "error")
+    with pytest.warns(DeprecationWarning, match="balancer_kwargs is deprecated; read callback.settings"):
+        kwargs = callback.balancer_kwargs
+    assert kwargs == {
+        "update_rate": 1e-2,
+        "rule": "error",
+        "bias_type": None,
+        "center": False,
+        "frozen": None,
+        "process_group": None,
+        "schedule": None,
+        "warmup_steps": None,
+        "stop_fraction": None,
+        "quantile_ema": None,
+        "momentum": None,
+    }
+    with pytest.raises(TypeError, match="takes at most 11 positional settings"):
+        LossFreeBalancingCallback(*[None] * 12)
 
 
 def test_unset_settings_come_from_the_model_config_then_from_the_config_class(tiny_config):

@@ -11,6 +11,7 @@ starts from one), which also registers the model classes with `AutoModel` and `A
 
 import importlib
 import threading
+import warnings
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -43,6 +44,11 @@ _LAZY_NAMES = {
     "add_selection_bias": "selection_bias",
     "with_selection_bias": "selection_bias",
 }
+# Names earlier releases exported from the package, now read from their module: they still work, with a warning.
+_DEPRECATED_NAMES = {
+    name: "modeling_lossfree_moe"
+    for name in ("LossFreeMoeTopkRouter", "LossFreeMoeExperts", "LossFreeMoeSparseMoeBlock", "sequence_balance_loss")
+}
 _registration_lock = threading.Lock()
 _models_registered = False
 
@@ -68,6 +74,15 @@ def _post_init_registering_models(self, **kwargs):
 
 
 def __getattr__(name: str):
+    if name in _DEPRECATED_NAMES:
+        module = _DEPRECATED_NAMES[name]
+        warnings.warn(
+            f"hf_lossfree_moe.{name} is deprecated; import it from hf_lossfree_moe.{module}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        register_model_classes()
+        return getattr(importlib.import_module(f".{module}", __name__), name)
     if name not in _LAZY_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module = _LAZY_NAMES[name]

@@ -8,6 +8,7 @@ contract), so transformers' MoE families with that router work as they are; fami
 through `register_router_adapter`.
 """
 
+import warnings
 import weakref
 
 import torch
@@ -27,7 +28,7 @@ from .bias_update import (
 from .counting import LoadMeasurement, TokenCounter, stack_rows
 from .load_groups import LoadSum
 from .routers import BIAS_NAME, FoundRouter, find_routers, layer_numbers, scoring_function
-from .settings import BalancingSettings
+from .settings import BalancingSettings, is_legacy_positional, legacy_positional
 from .update_rules import UpdateSchedule
 
 
@@ -67,7 +68,9 @@ class LossFreeBalancer:
             expert-parallel ranks route the same tokens and are not summed twice); otherwise the whole world.
         **overrides: Fields of `BalancingSettings` set on top of `settings` (`bias_update_rate=1e-2`, ...); the
             names of earlier releases (`update_rate`, `rule`, `schedule`, `warmup_steps`, `stop_fraction`,
-            `quantile_ema`, `momentum`) are accepted too.
+            `quantile_ema`, `momentum`) are accepted too. Settings passed by position in the order of earlier
+            releases (`update_rate, rule, bias_type, center, frozen, process_group, ...`) still work, with a
+            `DeprecationWarning`.
 
     Example:
 
@@ -94,10 +97,13 @@ class LossFreeBalancer:
         self,
         model: nn.Module,
         settings: BalancingSettings | None = None,
-        *,
+        *legacy_settings,
         process_group: "dist.ProcessGroup | None" = None,
         **overrides,
     ):
+        if is_legacy_positional(settings, legacy_settings):
+            overrides = legacy_positional("LossFreeBalancer", (settings, *legacy_settings), overrides)
+            settings, process_group = None, overrides.pop("process_group", process_group)
         model = extract_model_from_parallel(model, keep_torch_compile=False)
         requested = BalancingSettings.of(settings, **overrides)
         self._settings = requested.resolved(getattr(model, "config", None))
@@ -177,6 +183,20 @@ class LossFreeBalancer:
     def schedule(self) -> UpdateSchedule:
         """The update-rate schedule (`settings.bias_update_schedule`, `..._warmup_steps`, `..._stop_fraction`)."""
         return self.settings.schedule
+
+    @schedule.setter
+    def schedule(self, schedule: UpdateSchedule):
+        warnings.warn(
+            "Assigning balancer.schedule is deprecated; set balancer.settings.bias_update_schedule, "
+            "bias_update_warmup_steps and bias_update_stop_fraction.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if not isinstance(schedule, UpdateSchedule):
+            raise ValueError(f"schedule must be an UpdateSchedule, got {type(schedule).__name__}.")
+        self.settings.bias_update_schedule = schedule.kind
+        self.settings.bias_update_warmup_steps = schedule.warmup_steps
+        self.settings.bias_update_stop_fraction = schedule.stop_fraction
 
     @property
     def completed_steps(self) -> int:

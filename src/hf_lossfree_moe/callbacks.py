@@ -21,7 +21,7 @@ from .balance_metrics import compute_layer_spread_metrics, compute_load_metrics,
 from .balancing import LoadMeasurement, LossFreeBalancer
 from .checkpoints import fault_point
 from .compat import calling_handler, resumed_checkpoint
-from .settings import BalancingSettings
+from .settings import ALIASES, LEGACY_POSITIONAL, BalancingSettings, is_legacy_positional, legacy_positional
 
 
 if TYPE_CHECKING:
@@ -87,11 +87,17 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     def __init__(
         self,
         settings: BalancingSettings | None = None,
-        *,
+        *legacy_settings,
         process_group: "dist.ProcessGroup | None" = None,
         report: bool = True,
         **overrides,
     ):
+        if is_legacy_positional(settings, legacy_settings):
+            values = (settings, *legacy_settings)
+            overrides = legacy_positional(
+                "LossFreeBalancingCallback", values, overrides, count=len(LEGACY_POSITIONAL) - 1
+            )
+            settings, process_group = None, overrides.pop("process_group", process_group)
         if not isinstance(report, bool):
             raise ValueError(f"report must be True or False, got {report!r}.")
         self.report = None
@@ -112,6 +118,19 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         # Set by Trainer on the callback it rebuilds from a checkpoint, from the attributes `state()` saves.
         self.rebuilt_from_checkpoint = False
         self._training: tuple[TrainingArguments, TrainerState] | None = None
+
+    @property
+    def balancer_kwargs(self) -> dict:
+        """The balancer's arguments under the names of earlier releases (deprecated: read `settings`)."""
+        warnings.warn(
+            "LossFreeBalancingCallback.balancer_kwargs is deprecated; read callback.settings (and process_group).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {
+            name: self.process_group if name == "process_group" else getattr(self.settings, ALIASES.get(name, name))
+            for name in LEGACY_POSITIONAL[:-1]
+        }
 
     def add_checkpoint_file(self, name: str, write: Callable[[Path, int], None]) -> None:
         """Have every checkpoint hold the file `name`: `write(path, step)` writes it at optimizer step `step`."""

@@ -12,6 +12,7 @@ Adding a balancing option touches two places: its field and check in `LossFreeMo
 and its field here.
 """
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -38,6 +39,22 @@ ALIASES = {
     "quantile_ema": "bias_quantile_ema",
     "momentum": "bias_update_momentum",
 }
+# The positional arguments of earlier releases' `LossFreeBalancer(model, ...)` and `LossFreeBalancingCallback(...)`,
+# in their order (the callback took all but `total_steps`).
+LEGACY_POSITIONAL = (
+    "update_rate",
+    "rule",
+    "bias_type",
+    "center",
+    "frozen",
+    "process_group",
+    "schedule",
+    "warmup_steps",
+    "stop_fraction",
+    "quantile_ema",
+    "momentum",
+    "total_steps",
+)
 # The balancer's own settings, which no config holds: (test, description).
 BALANCER_FIELD_CHECKS = {
     "center": (lambda value: isinstance(value, bool), "True or False"),
@@ -149,6 +166,30 @@ class BalancingSettings:
         return asdict(self)
 
 
+def is_legacy_positional(settings, more: tuple) -> bool:
+    """Whether a balancer or callback was called the way earlier releases took their settings: by position, starting
+    with the update rate."""
+    return bool(more) or (isinstance(settings, int | float) and not isinstance(settings, bool))
+
+
+def legacy_positional(owner: str, values: tuple, overrides: dict, count: int = len(LEGACY_POSITIONAL)) -> dict:
+    """`overrides` plus the positional `values` of an earlier release's `owner(...)`, named as it named them (see
+    `LEGACY_POSITIONAL`), with a `DeprecationWarning` that gives the keyword spelling."""
+    if len(values) > count:
+        raise TypeError(f"{owner} takes at most {count} positional settings, got {len(values)}.")
+    named = dict(zip(LEGACY_POSITIONAL[: len(values)], values, strict=True))
+    repeated = sorted(set(named) & set(overrides))
+    if repeated:
+        raise TypeError(f"{owner} got {repeated[0]!r} both by position and by keyword.")
+    spelling = ", ".join(f"{ALIASES.get(name, name)}={value!r}" for name, value in named.items())
+    warnings.warn(
+        f"Passing settings to {owner} by position is deprecated; pass them by keyword: {owner}(..., {spelling}).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return {**overrides, **named}
+
+
 def _measured_only_message(load_balancing: str) -> str:
     return (
         f"The model's config.load_balancing is {load_balancing!r}, so its biases stay fixed and the balancer only "
@@ -156,4 +197,4 @@ def _measured_only_message(load_balancing: str) -> str:
     )
 
 
-__all__ = ["ALIASES", "BalancingSettings"]
+__all__ = ["ALIASES", "BalancingSettings", "is_legacy_positional", "legacy_positional"]
