@@ -1,4 +1,4 @@
-"""Run by test_update_rules.py under torchrun (2 CPU processes, gloo): Quantile Balancing over data-parallel ranks.
+"""Run by test_bias_update.py under torchrun (2 CPU processes, gloo): Quantile Balancing over data-parallel ranks.
 
 Each rank routes its own two micro-batches of different lengths (one padded) through the same model, then steps the
 balancer, twice; per step it writes its local candidate sums and numbers of router calls (before the step) and its
