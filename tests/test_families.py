@@ -1,4 +1,4 @@
-"""Loss-free balancing of transformers' own MoE families that carry an `e_score_correction_bias`."""
+"""transformers' own MoE families: balancing those that carry an `e_score_correction_bias`, measuring those without."""
 
 import subprocess
 import sys
@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from hf_lossfree_moe import LossFreeBalancer
-from hf_lossfree_moe.families import BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER, STATICS_ADAPTER
-from hf_lossfree_moe.routers import DEEPSEEK_V3_ADAPTER, find_routers
+from hf_lossfree_moe.balance_metrics import compute_layer_spread_metrics, compute_maxvio
+from hf_lossfree_moe.families import BIAS_ARGUMENT_ADAPTER, SHARED_GATES_ADAPTER, STATICS_ADAPTER, TOPK_ROUTER_ADAPTER
+from hf_lossfree_moe.routers import DEEPSEEK_V3_ADAPTER, RouterLocation, find_routers
+from hf_lossfree_moe.selection_bias import add_selection_bias
 from hf_lossfree_moe.testing_utils import build_tiny_model, correction_bias_families, tiny_model_class
 
 
@@ -191,3 +193,70 @@ def test_router_discovery_is_a_pure_function_of_the_module_it_is_given():
     assert [router.name for router in find_routers(model)] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     code = "import sys, hf_lossfree_moe; print('hf_lossfree_moe.testing_utils' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+# Families whose routers have no bias: the balancer only measures them, with the figures it logs for ours.
+UNBIASED = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "flex_olmo", "phimoe", "granitemoe"]
+
+
+def router_choices(routers):
+    """Hooks of our own that keep every (T, K) index tensor each router returns, in call order per router."""
+    chosen = {index: [] for index in range(len(routers))}
+    for index, router in enumerate(routers):
+        router.register_forward_hook(lambda module, args, output, index=index: chosen[index].append(output[2]))
+    return chosen
+
+
+def counted_by_hand(choices, attention_mask, num_experts=8):
+    """Per router, the tokens each expert got from the router's own outputs, the padding of `attention_mask` left out."""
+    real = attention_mask.reshape(-1).bool()
+    return torch.stack(
+        [
+            sum(torch.bincount(indices[real].reshape(-1), minlength=num_experts) for indices in calls)
+            for calls in choices.values()
+        ]
+    )
+
+
+@pytest.mark.parametrize("family", UNBIASED)
+def test_a_family_without_a_bias_is_measured_exactly(family):
+    torch.manual_seed(0)
+    model = build_tiny_model(family).train()
+    balancer = LossFreeBalancer(model)
+    assert not balancer.updates_biases
+    assert [router.adapter for router in find_routers(model)] == [TOPK_ROUTER_ADAPTER] * 2
+    choices = router_choices(balancer.routers)
+    input_ids, attention_mask = padded_batch()
+    model.activation_checkpointing_enable()
+    model(input_ids=input_ids, attention_mask=attention_mask).logits.float().pow(2).mean().backward()
+    assert [len(calls) for calls in choices.values()] == [2, 2]  # the forward, then its recomputation
+    expected = counted_by_hand({index: calls[:1] for index, calls in choices.items()}, attention_mask)
+    with torch.no_grad():
+        model.eval()(input_ids=input_ids, attention_mask=attention_mask)  # evaluation: not counted
+        model.generate(input_ids[1:], max_new_tokens=2, do_sample=False)  # generation: not counted
+    model.train()
+    assert all(len(calls) > 3 for calls in choices.values())  # the routers ran, the balancer did not count
+
+    loads = balancer.loads
+    assert torch.equal(loads, expected)
+    assert loads.sum(dim=-1).tolist() == [TOP_K * int(attention_mask.sum())] * 2
+    stats = balancer.step()
+    assert stats["maxvio_batch"] == pytest.approx(compute_maxvio(expected, balancer.layers).mean)
+    assert stats["batch_effective_expert_fraction"] == pytest.approx(
+        compute_layer_spread_metrics(expected, "batch", "maxvio_batch")["batch_effective_expert_fraction"]
+    )
+    assert stats["bias_updated"] == 0.0 and "bias_abs_max" not in stats
+    assert balancer.biases().shape == (2, 0)
+
+
+def test_routers_without_a_bias_refuse_to_be_balanced_and_cannot_be_mixed_with_biased_ones():
+    model = build_tiny_model("qwen3_moe")
+    with pytest.raises(ValueError, match="have no bias, so the balancer only measures"):
+        LossFreeBalancer(model, bias_update_rate=1e-3)
+    with pytest.raises(ValueError, match="have no bias, so the balancer only measures"):
+        LossFreeBalancer(model, frozen=False)
+    with pytest.raises(ValueError, match="must give num_experts"):
+        RouterLocation(model.model.layers[0].mlp.gate, None, None)
+    add_selection_bias(model.model.layers[0])  # layer 0's router gets a bias, layer 1's not
+    with pytest.raises(ValueError, match=r"Some routers have a bias \(model.layers.0.mlp.gate\) and others have none"):
+        LossFreeBalancer(model)

@@ -4,7 +4,9 @@
 scripts use. A layer that received no token has no MaxVio (its mean load is 0): it is skipped, named in
 `MaxVio.skipped`, and the mean is taken over the other layers, so one idle router never hides the metric of the rest.
 `compute_load_metrics()` adds the figures used to debug a routing collapse: dead experts, the spread of the loads and
-the least-loaded expert.
+the least-loaded expert. `compute_layer_spread_metrics()` adds what other frameworks report and what a mean over
+layers hides: the effective-expert fraction exp(H)/E of each layer, and the worst layer and 90th percentile over
+layers, so one collapsing layer shows.
 """
 
 from collections.abc import Sequence
@@ -82,6 +84,45 @@ def compute_load_metrics(loads: torch.Tensor | Sequence, name: str) -> dict[str,
     }
 
 
+SPREAD_PERCENTILE = 90
+
+
+def compute_layer_spread_metrics(
+    loads: torch.Tensor | Sequence, name: str, maxvio_name: str, layers: Sequence[int] | None = None
+) -> dict[str, float]:
+    """How unevenly the layers of `(layers, experts)` loads are balanced, over the layers that received tokens:
+
+    - `{name}_effective_expert_fraction`: the mean over layers of exp(H) / E, where H is the entropy (in nats) of the
+      layer's load distribution c / sum(c): 1 when every expert gets the same load, 1/E when one expert gets all;
+    - `{name}_effective_expert_fraction/layer_{i}` per layer and `.../min`, the least balanced layer;
+    - `{maxvio_name}/max`: MaxVio of the worst layer; `{maxvio_name}/p90`: the 90th percentile of the layers' MaxVio
+      (linear interpolation), so a mean that looks fine cannot hide one collapsing layer.
+
+    `layers` numbers the rows as `compute_maxvio` does. Empty when no layer received a token.
+    """
+    loads = _checked_loads(loads)
+    layers = list(range(loads.size(0))) if layers is None else list(layers)
+    counted = loads.sum(dim=-1) > 0  # (L,)
+    if not counted.any():
+        return {}
+    per_layer_maxvio = torch.tensor(list(compute_maxvio(loads, layers).per_layer.values()), dtype=torch.float64)
+    shares = loads[counted] / loads[counted].sum(dim=-1, keepdim=True)  # (L', E)
+    entropy = -torch.special.xlogy(shares, shares).sum(dim=-1)  # (L',) nats, 0 log 0 = 0
+    fraction = entropy.exp() / loads.size(-1)  # (L',)
+    counted_layers = [layer for layer, ok in zip(layers, counted.tolist(), strict=True) if ok]
+    entries = {
+        f"{name}_effective_expert_fraction": fraction.mean().item(),
+        f"{name}_effective_expert_fraction/min": fraction.min().item(),
+        **{
+            f"{name}_effective_expert_fraction/layer_{layer}": value
+            for layer, value in zip(counted_layers, fraction.tolist(), strict=True)
+        },
+        f"{maxvio_name}/max": per_layer_maxvio.max().item(),
+        f"{maxvio_name}/p{SPREAD_PERCENTILE}": torch.quantile(per_layer_maxvio, SPREAD_PERCENTILE / 100).item(),
+    }
+    return entries
+
+
 def _checked_loads(loads: torch.Tensor | Sequence) -> torch.Tensor:
     """(layers, experts) fp64 CPU copy of `loads`, or `ValueError`."""
     loads = torch.as_tensor(loads).detach()
@@ -95,4 +136,4 @@ def _checked_loads(loads: torch.Tensor | Sequence) -> torch.Tensor:
     return loads
 
 
-__all__ = ["MaxVio", "compute_load_metrics", "compute_maxvio"]
+__all__ = ["MaxVio", "compute_layer_spread_metrics", "compute_load_metrics", "compute_maxvio"]

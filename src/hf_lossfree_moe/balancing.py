@@ -99,7 +99,8 @@ class LossFreeBalancer:
         **overrides,
     ):
         model = extract_model_from_parallel(model, keep_torch_compile=False)
-        self._settings = BalancingSettings.of(settings, **overrides).resolved(getattr(model, "config", None))
+        requested = BalancingSettings.of(settings, **overrides)
+        self._settings = requested.resolved(getattr(model, "config", None))
         self.model = model
         found = find_routers(model)
         # Before any check that may fail on one pipeline stage only: this is a collective there.
@@ -109,6 +110,9 @@ class LossFreeBalancer:
         self._settings.add_assignment_check(
             lambda name, value: _check_quantile_scores(found, value) if name == "bias_update_rule" else None
         )
+        if not found[0].has_bias:
+            _check_measure_only(model, requested)
+            self.frozen = True
         for previous in {_BALANCER_OF_ROUTER[r.module] for r in found if r.module in _BALANCER_OF_ROUTER}:
             previous.remove()  # two balancers would count every token twice
         for router in found:
@@ -149,8 +153,8 @@ class LossFreeBalancer:
 
     @property
     def device(self) -> torch.device:
-        """Where `loads` and `biases()` live: the first router's bias device."""
-        return self._storage.bias(0).device
+        """Where `loads` and `biases()` live: the first router's bias device (its weights', without a bias)."""
+        return self._storage.devices()[0]
 
     @property
     def loads(self) -> torch.Tensor:
@@ -164,7 +168,8 @@ class LossFreeBalancer:
 
     @property
     def updates_biases(self) -> bool:
-        """False when `step()` only measures: frozen, u = 0, or a model not trained loss-free."""
+        """False when `step()` only measures: frozen, u = 0, a model not trained loss-free, or routers without a
+        bias."""
         return self.frozen is not True and self.update_rate > 0
 
     @property
@@ -184,7 +189,7 @@ class LossFreeBalancer:
         self._update.completed_steps = value
 
     def biases(self) -> torch.Tensor:
-        """(routers, experts) fp32 copy of the current biases."""
+        """(routers, experts) fp32 copy of the current biases; (routers, 0) for routers without a bias."""
         return self._storage.stacked(self.device)
 
     def __len__(self) -> int:
@@ -208,7 +213,9 @@ class LossFreeBalancer:
             `compute_load_metrics`), `bias_update_factor` (the schedule's factor), `bias_abs_max` and `bias_abs_mean`
             (distance from the neutral bias, 0 or 1), and `bias_updated` (1.0 or 0.0). With no token counted since
             the last step there is no MaxVio entry, a warning says so (and says to call `model.train()` when the model
-            ran in eval mode), and no bias moves.
+            ran in eval mode), and no bias moves. Also the spread over layers (`batch_effective_expert_fraction` with
+            its `/layer_{i}` and `/min`, `maxvio_batch/max` and `maxvio_batch/p90`, see
+            `compute_layer_spread_metrics`). Routers without a bias get no `bias_abs_*` entry.
         """
         quantile = self.rule == "quantile"
         loads, non_finite, candidates, ran_in_eval_mode = self._counter.take_step(self.device, quantile)
@@ -234,7 +241,10 @@ class LossFreeBalancer:
                     self._storage.warn_if_left_out_of_adapter(updated, stacklevel=2)
         if skipped:
             warn_non_finite(self.completed_steps, [self.layers[index] for index in skipped], stacklevel=2)
-        stats.update(bias_statistics(self.biases(), self.bias_type, bool(updated)))
+        if self._routers[0].has_bias:
+            stats.update(bias_statistics(self.biases(), self.bias_type, bool(updated)))
+        else:
+            stats["bias_updated"] = 0.0
         return stats
 
     def measure(self, eval_only: bool = False, all_threads: bool = False) -> LoadMeasurement:
@@ -275,10 +285,18 @@ def _check_routers(model: nn.Module, found: list[FoundRouter], rule: str) -> int
     """The routers' common number of experts, or `ValueError` when the balancer cannot work with them."""
     if not found:
         raise ValueError(
-            f"{type(model).__name__} has no router: no module holds `{BIAS_NAME}`. LossFreeBalancer needs biased "
-            "top-K routers (register a `RouterAdapter` with `register_router_adapter` for other layouts)."
+            f"{type(model).__name__} has no router: no module holds `{BIAS_NAME}` or returns its top-K choice. "
+            "LossFreeBalancer needs top-K routers (register a `RouterAdapter` with `register_router_adapter` for "
+            "other layouts)."
         )
-    num_experts = {getattr(r.bias_owner, r.bias_attr).numel() for r in found}
+    if len({r.has_bias for r in found}) != 1:
+        with_bias = next(r.name for r in found if r.has_bias)
+        without = next(r.name for r in found if not r.has_bias)
+        raise ValueError(
+            f"Some routers have a bias ({with_bias}) and others have none ({without}); LossFreeBalancer needs one or "
+            "the other. Give the others one with `add_selection_bias(model)` where it supports them."
+        )
+    num_experts = {r.num_experts for r in found}
     if len(num_experts) != 1:
         raise ValueError(f"Every router must have the same number of experts, got {sorted(num_experts)}.")
     _check_quantile_scores(found, rule)
@@ -295,6 +313,15 @@ def _check_quantile_scores(found: list[FoundRouter], rule: str) -> None:
             f"bias_update_rule='quantile' needs the routers' scores, but {unreadable[0].name} "
             f"({type(unreadable[0].module).__name__}) names a scoring function other than sigmoid or softmax. "
             "Give its `RouterAdapter` a `scores` function, or choose another bias_update_rule."
+        )
+
+
+def _check_measure_only(model: nn.Module, requested: BalancingSettings):
+    """Routers without a bias are only measured: refuse a request to update what does not exist."""
+    if requested.frozen is False or (requested.bias_update_rate is not None and requested.bias_update_rate > 0):
+        raise ValueError(
+            f"The routers of {type(model).__name__} have no bias, so the balancer only measures their loads; leave "
+            "bias_update_rate and frozen unset, or give them a bias first with `add_selection_bias(model)`."
         )
 
 

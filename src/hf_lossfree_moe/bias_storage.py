@@ -4,6 +4,8 @@ The bias is looked up on its owner module at every use rather than held, since `
 may swap the tensor. A bias that is not fp32 is replaced once by an fp32 copy (in bf16, 1 + 1e-3 == 1); after that
 every update is `add_` on the module's own tensor, so checkpoints and optimizers see it. On a PEFT model whose
 `save_pretrained` writes only the adapter, a bias the adapter would not carry is named in a warning when it moves.
+Routers without a bias (stock families the balancer only measures) have none to keep: `stacked()` is then
+(routers, 0).
 """
 
 import warnings
@@ -33,22 +35,34 @@ class BiasStorage:
         self._weight_slots = [_weight_slots(router) for router in routers]
         self._not_in_adapter = _biases_left_out_of_adapter(model, routers)
         self._warned_adapter = False
-        for index in range(len(routers)):
-            self.prepare(index, stacklevel=stacklevel + 1)
+        for index, router in enumerate(routers):
+            if router.has_bias:
+                self.prepare(index, stacklevel=stacklevel + 1)
 
     def __len__(self) -> int:
         return len(self._routers)
 
-    def bias(self, index: int) -> torch.Tensor:
+    def bias(self, index: int) -> torch.Tensor | None:
+        """The router's bias, or None for a router without one."""
         router = self._routers[index]
-        return getattr(router.bias_owner, router.bias_attr)
+        return getattr(router.bias_owner, router.bias_attr) if router.has_bias else None
 
     def devices(self) -> list[torch.device]:
-        return [self.bias(index).device for index in range(len(self))]
+        """Where each router's bias lives; for a router without one, where its weights are."""
+        return [self._device(index) for index in range(len(self))]
 
     def stacked(self, device: torch.device) -> torch.Tensor:
-        """(routers, experts) fp32 copy of the current biases on `device`."""
+        """(routers, experts) fp32 copy of the current biases on `device`; (routers, 0) when the routers have none."""
+        if not any(router.has_bias for router in self._routers):
+            return torch.zeros(len(self), 0, device=device)
         return stack_rows([self.bias(index) for index in range(len(self))], device, torch.float32)
+
+    def _device(self, index: int) -> torch.device:
+        bias = self.bias(index)
+        if bias is not None:
+            return bias.device
+        tensors = [*self._routers[index].module.parameters(), *self._routers[index].module.buffers()]
+        return tensors[0].device if tensors else torch.device("cpu")
 
     def fp32_bias(self, index: int, stacklevel: int = 2) -> torch.Tensor:
         """The router's bias, upcast first if something cast it since the last look (e.g. `model.bfloat16()`)."""
@@ -149,6 +163,9 @@ def _biases_left_out_of_adapter(model: nn.Module, found: list[FoundRouter]) -> l
     names = {module: name for name, module in model.named_modules()}
     left_out = []
     for router in found:
+        if not router.has_bias:
+            left_out.append(None)
+            continue
         owner = names[router.bias_owner]
         if "modules_to_save" in owner.split("."):
             left_out.append(None)

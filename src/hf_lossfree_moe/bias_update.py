@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .balance_metrics import compute_load_metrics, compute_maxvio
+from .balance_metrics import compute_layer_spread_metrics, compute_load_metrics, compute_maxvio
 from .bias_storage import NEUTRAL_BIAS
 from .settings import BalancingSettings
 from .update_rules import quantile_weight, rule_update
@@ -125,9 +125,11 @@ def sum_over_ranks(
 
 
 def load_statistics(loads: torch.Tensor, layers: list[int], factor: float) -> dict[str, float]:
-    """`maxvio_batch` (+ per layer), the `batch_*` load figures and the schedule's `bias_update_factor`."""
+    """`maxvio_batch` (+ per layer), the `batch_*` load figures, the spread over layers and the schedule's
+    `bias_update_factor`."""
     stats = compute_maxvio(loads, layers).metrics("maxvio_batch")
     stats.update(compute_load_metrics(loads, "batch"))
+    stats.update(compute_layer_spread_metrics(loads, "batch", "maxvio_batch", layers))
     stats["bias_update_factor"] = factor
     return stats
 

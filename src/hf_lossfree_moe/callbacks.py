@@ -16,7 +16,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .balance_metrics import compute_load_metrics, compute_maxvio
+from .balance_metrics import compute_layer_spread_metrics, compute_load_metrics, compute_maxvio
 from .balancing import LoadMeasurement, LossFreeBalancer
 from .checkpoints import fault_point
 from .compat import calling_handler
@@ -31,14 +31,21 @@ if TYPE_CHECKING:
 class LossFreeBalancingCallback(TrainerCallback, ExportableState):
     """Runs a `LossFreeBalancer` on the Trainer's model and logs what it measures.
 
-    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv` and
-    `batch_min_load_ratio` (averaged over the optimizer steps since the last log) and `bias_abs_max`,
+    Training logs gain `maxvio_batch`, `maxvio_batch/layer_{i}`, `batch_dead_expert_fraction`, `batch_load_cv`,
+    `batch_min_load_ratio` and the spread over layers (`batch_effective_expert_fraction...`, `maxvio_batch/max`,
+    `maxvio_batch/p90`), averaged over the optimizer steps since the last log, and `bias_abs_max`,
     `bias_abs_mean`, `bias_update_factor` (at the last step). Evaluation metrics gain `{prefix}_maxvio_global`,
     `{prefix}_maxvio_global/layer_{i}`, `{prefix}_dead_expert_fraction`, `{prefix}_load_cv` and
-    `{prefix}_min_load_ratio` from the loads of the whole evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the decoder-layer index
-    (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in `.../skipped_layers`.
-    Any forward of the model in eval mode between the last optimizer step and an evaluation's log counts toward that
-    evaluation.
+    `{prefix}_min_load_ratio`, and the spread over layers (`{prefix}_effective_expert_fraction` with its `/layer_{i}`
+    and `/min`, `{prefix}_maxvio_global/max` and `/p90`, see `compute_layer_spread_metrics`) from the loads of the
+    whole evaluation, summed over ranks; `last_eval_loads` keeps those (routers, experts) loads. `i` is the
+    decoder-layer index (`LossFreeBalancer.layers`); layers that received no token are skipped and counted in
+    `.../skipped_layers`. Any forward of the model in eval mode between the last optimizer step and an evaluation's
+    log counts toward that evaluation.
+
+    With `report=True` (the default) it also writes, at the end of training and again after each later evaluation,
+    the run's routing history, plots and a model-card section into `args.output_dir`, and sends the plots to
+    TensorBoard / W&B when the Trainer reports to them (see `balance_report.py`, docs/balancing.md#plots-and-the-card).
 
     Pass it the ordinary way, `Trainer(..., callbacks=[LossFreeBalancingCallback()])`: when the Trainer first calls
     it, it moves ahead of the `report_to` integrations, so they all receive its metrics. A model has one balancer:
@@ -55,6 +62,7 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         settings, process_group, **overrides: As for `LossFreeBalancer`: checked here and passed on; unset settings
             come from the model's config. The balancer's `total_steps` is the Trainer's `max_steps`, and its count of
             updates resumes from the Trainer's `global_step`.
+        report (`bool`, defaults to `True`): Write the routing history, plots and card section of the run.
 
     Example:
 
@@ -71,8 +79,13 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         settings: BalancingSettings | None = None,
         *,
         process_group: "dist.ProcessGroup | None" = None,
+        report: bool = True,
         **overrides,
     ):
+        if not isinstance(report, bool):
+            raise ValueError(f"report must be True or False, got {report!r}.")
+        self.report = None
+        self._write_reports = report
         self.settings = BalancingSettings.of(settings, **overrides)
         self.process_group = process_group
         self.balancer: LossFreeBalancer | None = None
@@ -133,9 +146,11 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         self._eval_measurement.reset()
         self._step_stats = []
         self._training = (args, state)
+        self._start_report(args, state, control)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._training = None
+        self._finish_report(args, state, control)
 
     def state(self) -> dict:
         """Saved by Trainer in each checkpoint's trainer_state.json: the balancer's state between steps (the SMEBU
@@ -180,6 +195,40 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         # Trainer.log appends a copy of the logs to log_history before calling on_log.
         if added and state.log_history and set(logs) - set(added) <= set(state.log_history[-1]):
             state.log_history[-1].update(added)
+        if self.report is not None:
+            self.report.recorder.on_log(args, state, control, logs=logs)
+
+    def _finish_report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl):
+        if self.report is not None:
+            self.report.recorder.on_train_end(args, state, control)
+            self.report.training_ended = True
+            self._write_report(args, state)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.report is not None:
+            self.report.recorder.on_evaluate(args, state, control)
+            if self.report.training_ended:
+                self._write_report(args, state)
+
+    def write_report(self, args: TrainingArguments, state: TrainerState) -> list:
+        """Write the routing history, plots and card section of the run so far into `args.output_dir` now (what the
+        callback does by itself at the end of training); returns the paths written."""
+        if self.report is None:
+            raise ValueError("No report to write: the callback was built with report=False or has not trained yet.")
+        return self._write_report(args, state)
+
+    def _start_report(self, args: TrainingArguments, state: TrainerState, control: TrainerControl):
+        """A new routing history at each `train()` (imported here: plotting needs matplotlib, the package does not)."""
+        if not self._write_reports:
+            return
+        from .balance_report import BalanceReport
+
+        self.report = BalanceReport(self)
+        self.report.recorder.on_train_begin(args, state, control)
+
+    def _write_report(self, args: TrainingArguments, state: TrainerState) -> list:
+        handler = calling_handler(self)
+        return self.report.write(args, state, [] if handler is None else handler.callbacks)
 
     def on_predict(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kwargs
@@ -196,7 +245,8 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         for key in sorted({key for step in stats for key in step if key.startswith(("maxvio_batch", "batch_"))}):
             values = [step[key] for step in stats if key in step]
             added[key] = sum(values) / len(values)
-        added.update({key: stats[-1][key] for key in ("bias_abs_max", "bias_abs_mean", "bias_update_factor")})
+        last = ("bias_abs_max", "bias_abs_mean", "bias_update_factor")  # routers without a bias have no bias_abs_*
+        added.update({key: stats[-1][key] for key in last if key in stats[-1]})
         return added
 
     def _evaluation_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -218,6 +268,7 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         return {
             **compute_maxvio(loads, self.balancer.layers).metrics(f"{prefix}_maxvio_global"),
             **compute_load_metrics(loads, prefix),
+            **compute_layer_spread_metrics(loads, prefix, f"{prefix}_maxvio_global", self.balancer.layers),
         }
 
     def _move_ahead_of_reporters(self, args: TrainingArguments):

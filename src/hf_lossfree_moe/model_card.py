@@ -17,6 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from jinja2 import Template
 
 from .configuration_lossfree_moe import TRANSFORMERS_REQUIREMENT, LossFreeMoeConfig
 from .run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
@@ -25,6 +26,13 @@ from .run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
 # Jinja templates of `model_cards/`, read as package data of `TEMPLATES_PACKAGE`.
 TEMPLATES_PACKAGE = "hf_lossfree_moe.model_cards"
 DEFAULT_TEMPLATE = "lossfree_moe.md"
+BALANCE_SECTION_TEMPLATE = "balance_section.md"
+BALANCE_SECTION_FILE = "balance_card_section.md"
+PLOT_TITLES = {
+    MAXVIO_PLOT: "MaxVio_batch over training steps, per layer",
+    LOAD_HEATMAP_PLOT: "Evaluation load per layer and expert, relative to the layer's mean",
+    BIAS_PLOT: "Routing bias of each expert over training, per layer",
+}
 GLM4_MOE_TEMPLATE = "glm4_moe_export.md"
 LICENSE = "apache-2.0"
 TAGS = ["mixture-of-experts", "moe", "loss-free-balancing", "deepseek-moe", "custom_code"]
@@ -186,14 +194,20 @@ def render_glm4_moe_card(
     model_name: str,
     repo_id: str,
     original: str | None,
+    eval_results: list[EvalResult] | None = None,
     template_path: str | os.PathLike | None = None,
 ) -> ModelCard:
     """The card of a stock `glm4_moe` export of a LossFreeMoe: what it is, where it came from, how to run it.
 
-    `original` (a Hub id, URL or folder) is named in the text, linked when it is a Hub id or URL, and a Hub id also
-    becomes the `base_model` metadata. `template_path` defaults to the packaged template.
+    `original` (a Hub id, URL or folder; a folder by its name only) is named in the text, linked when it is a Hub id
+    or URL, and a Hub id also becomes the `base_model` metadata. `eval_results` (the original's, which the export reproduces) go into the
+    model-index. `template_path` defaults to the packaged template.
     """
-    original_url = hub_url(original)
+    if original is not None and os.path.isdir(original):
+        original = Path(original).resolve().name  # the card travels with the folder, not with this machine
+        original_url = None
+    else:
+        original_url = hub_url(original)
     is_hub_id = original_url is not None and not original.startswith(("http://", "https://"))
     card_data = ModelCardData(
         model_name=model_name,
@@ -202,6 +216,7 @@ def render_glm4_moe_card(
         pipeline_tag="text-generation",
         tags=GLM4_MOE_TAGS + [PAPER],
         base_model=original if is_hub_id else None,
+        eval_results=eval_results or None,
     )
     return ModelCard.from_template(
         card_data,
@@ -212,6 +227,61 @@ def render_glm4_moe_card(
         original=original,
         original_url=original_url,
     )
+
+
+def render_balance_section(
+    log_history: list[dict],
+    *,
+    num_layers: int,
+    num_experts: int,
+    method: str,
+    plots: Sequence[str] = (),
+    template_path: str | os.PathLike | None = None,
+) -> str:
+    """A Markdown "Expert load balance" section for any model's card, from the figures the balancing callback logged:
+    the last training log's MaxVio_batch (mean, worst layer, 90th percentile, effective-expert fraction) and, after an
+    evaluation, the last evaluation's MaxVio_global per layer and load figures. `plots` are file names of
+    `plotting.py`'s plots, shown with a title each."""
+    rows = []
+    training = [entry for entry in log_history if "maxvio_batch" in entry]
+    if training:
+        last = training[-1]
+        rows += _balance_rows(last, "maxvio_batch", "batch", f"training, step {last.get('step', '?')}")
+    evaluations = [entry for entry in log_history if any(key.endswith("_maxvio_global") for key in entry)]
+    if evaluations:
+        last = evaluations[-1]
+        prefix = next(key for key in last if key.endswith("_maxvio_global"))[: -len("_maxvio_global")]
+        rows += _balance_rows(last, f"{prefix}_maxvio_global", prefix, f"evaluation, step {last.get('step', '?')}")
+        per_layer = sorted(
+            (int(key.rsplit("_", 1)[1]), value)
+            for key, value in last.items()
+            if key.startswith(f"{prefix}_maxvio_global/layer_")
+        )
+        rows += [(f"MaxVio_global, layer {layer}", f"{value:.4f}") for layer, value in per_layer]
+    template = Template(read_template(BALANCE_SECTION_TEMPLATE, template_path), keep_trailing_newline=True)
+    return template.render(
+        num_layers=num_layers,
+        num_experts=num_experts,
+        method=method,
+        rows=rows,
+        plots=[(PLOT_TITLES.get(name, name), name) for name in plots],
+    )
+
+
+def _balance_rows(entry: dict, maxvio_key: str, prefix: str, when: str) -> list[tuple[str, str]]:
+    """(metric, value) rows of one log entry: MaxVio mean / worst layer / p90, then the load figures it has."""
+    name = "MaxVio_batch" if maxvio_key == "maxvio_batch" else "MaxVio_global"
+    figures = [
+        (f"{name}, mean over layers ({when})", maxvio_key),
+        (f"{name}, worst layer", f"{maxvio_key}/max"),
+        (f"{name}, 90th percentile over layers", f"{maxvio_key}/p90"),
+        ("effective-expert fraction exp(H)/E, mean over layers", f"{prefix}_effective_expert_fraction"),
+        ("effective-expert fraction, least balanced layer", f"{prefix}_effective_expert_fraction/min"),
+        ("dead-expert fraction", f"{prefix}_dead_expert_fraction"),
+        ("load coefficient of variation", f"{prefix}_load_cv"),
+        ("least-loaded expert / mean load", f"{prefix}_min_load_ratio"),
+    ]
+    return [(label, f"{entry[key]:.4f}") for label, key in figures if key in entry]
 
 
 def read_template(name: str, template_path: str | os.PathLike | None = None) -> str:

@@ -2,7 +2,7 @@
 
 Routers are found by behaviour, not by class: by default a module holding `e_score_correction_bias` whose forward
 returns `(router_logits, topk_weights, topk_indices)`, the contract of transformers' DeepSeek-V3 router. Families with
-another layout (see families.py) plug in a `RouterAdapter`. Discovery is a pure function of the model: no state is
+another layout, or with no bias at all (whose loads are only measured), plug in a `RouterAdapter` (see families.py). Discovery is a pure function of the model: no state is
 kept between calls. Copies of a router that do not run, such as the original that PEFT's `modules_to_save` keeps
 beside the trained copy, are not routers: each MoE layer has one, the copy its forward goes through.
 """
@@ -23,11 +23,22 @@ BIAS_NAME = "e_score_correction_bias"
 
 @dataclass(frozen=True)
 class RouterLocation:
-    """A router and where its correction bias lives: `getattr(bias_owner, bias_attr)`, one entry per expert."""
+    """A router and where its correction bias lives: `getattr(bias_owner, bias_attr)`, one entry per expert.
+
+    A router without a bias (its loads can be measured, not balanced) has `bias_owner=None`, `bias_attr=None` and
+    says its number of experts in `num_experts`.
+    """
 
     router: nn.Module
-    bias_owner: nn.Module
-    bias_attr: str
+    bias_owner: nn.Module | None
+    bias_attr: str | None
+    num_experts: int | None = None
+
+    def __post_init__(self):
+        if self.bias_owner is None and not (isinstance(self.num_experts, int) and self.num_experts > 0):
+            raise ValueError(
+                f"A RouterLocation without a bias must give num_experts (an integer > 0), got {self.num_experts!r}."
+            )
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,7 @@ def read_scores(router: "FoundRouter", output: Any) -> torch.Tensor:
     """The (T, E) fp32 scores of one forward of a found router, checked against its number of experts."""
     read = router.adapter.scores or router_scores
     scores = read(router.module, output)
-    num_experts = getattr(router.bias_owner, router.bias_attr).numel()
+    num_experts = router.num_experts
     if scores.dim() != 2 or scores.size(-1) != num_experts:
         raise ValueError(
             f"{router.name}: bias_update_rule='quantile' needs (tokens, {num_experts}) scores, but its "
@@ -147,13 +158,19 @@ def register_router_adapter(adapter: RouterAdapter) -> None:
 
 @dataclass(frozen=True)
 class FoundRouter:
-    """A router found in a model: its qualified name, the module, the adapter that reads it, where its bias is."""
+    """A router found in a model: its qualified name, the module, the adapter that reads it, where its bias is
+    (`bias_owner` None for a router without one) and its number of experts."""
 
     name: str
     module: nn.Module
     adapter: RouterAdapter
-    bias_owner: nn.Module
-    bias_attr: str
+    bias_owner: nn.Module | None
+    bias_attr: str | None
+    num_experts: int
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_owner is not None
 
 
 def wrapper_copies(module: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
@@ -221,13 +238,23 @@ def find_routers(model: nn.Module) -> list[FoundRouter]:
         for adapter, location in located
         if adapter is not DEEPSEEK_V3_ADAPTER
     }
+    # A router that a block hands its bias to (e.g. LFM2-MoE's, whose bias argument is optional) is not also a router
+    # without a bias.
+    biased = {location.router for _, location in located if location.bias_owner is not None}
     found = [
-        FoundRouter(names[loc.router], loc.router, adapter, loc.bias_owner, loc.bias_attr)
+        FoundRouter(names[loc.router], loc.router, adapter, loc.bias_owner, loc.bias_attr, _num_experts(loc))
         for adapter, loc in located
-        if adapter is not DEEPSEEK_V3_ADAPTER or (loc.bias_owner, loc.bias_attr) not in claimed
+        if (adapter is not DEEPSEEK_V3_ADAPTER or (loc.bias_owner, loc.bias_attr) not in claimed)
+        and (loc.bias_owner is not None or loc.router not in biased)
     ]
     order = {module: position for position, module in enumerate(names)}
     return sorted(found, key=lambda router: order[router.module])
+
+
+def _num_experts(location: RouterLocation) -> int:
+    if location.bias_owner is None:
+        return location.num_experts
+    return getattr(location.bias_owner, location.bias_attr).numel()
 
 
 def decoder_layer_indices(router_names: list[str]) -> list[int] | None:

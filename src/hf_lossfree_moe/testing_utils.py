@@ -1,12 +1,13 @@
 """Tiny, randomly initialised models of transformers' MoE families, for tests and the support table.
 
-`correction_bias_families()` lists every family of the installed transformers whose modeling code has an
-`e_score_correction_bias`, and `build_tiny_model()` builds a CPU-sized text model of one, so the test suite and
-`scripts/support_table.py` cover each family without a list of names to keep up to date. Like transformers' own
+`moe_families()` lists every mixture-of-experts family of the installed transformers, `correction_bias_families()`
+those whose modeling code has an `e_score_correction_bias`, and `build_tiny_model()` builds a CPU-sized text model of
+one, so the test suite and `scripts/support_table.py` cover each family without a list of names to keep up to date. Like transformers' own
 `testing_utils`, this module is not imported by the package: it reads transformers' source files.
 """
 
 import inspect
+import re
 from functools import cache
 from importlib import import_module
 from pathlib import Path
@@ -31,22 +32,42 @@ def correction_bias_families() -> tuple[str, ...]:
     )
 
 
+# Modeling code that names experts and picks some of them per token (`topk`, `top_k`, or Switch's `argmax`).
+_NAMES_EXPERTS = re.compile(r"\bexperts\b")
+_PICKS_EXPERTS = re.compile(r"topk|top_k|argmax")
+
+
+@cache
+def moe_families() -> tuple[str, ...]:
+    """Model types (folders of `transformers.models`) whose modeling code routes tokens to experts: it names
+    `experts` and selects per token with `topk`, `top_k` or `argmax`. Read from the sources, so a new transformers
+    release brings its new families into the tests and the support table by itself."""
+    models = Path(transformers.__file__).parent / "models"
+    families = set()
+    for path in models.glob("*/modeling_*.py"):
+        text = path.read_text(encoding="utf-8")
+        if _NAMES_EXPERTS.search(text) and _PICKS_EXPERTS.search(text):
+            families.add(path.parent.name)
+    return tuple(sorted(families))
+
+
 @cache
 def tiny_model_class(family: str) -> type[PreTrainedModel]:
-    """The family's text model: its `*ForCausalLM`, else its `*TextModel` (multimodal families without one)."""
-    if family not in correction_bias_families():
-        raise ValueError(f"family must be one of {list(correction_bias_families())}, got {family!r}.")
+    """The family's text model: its `*ForCausalLM`, else its `*TextModel` (multimodal families without one), else its
+    `*ForConditionalGeneration` (encoder-decoder families)."""
+    if family not in moe_families():
+        raise ValueError(f"family must be one of {list(moe_families())}, got {family!r}.")
     module = import_module(f"transformers.models.{family}.modeling_{family}")
     classes = [
         cls
         for cls in vars(module).values()
         if inspect.isclass(cls) and issubclass(cls, PreTrainedModel) and cls.__module__ == module.__name__
     ]
-    for suffix in ("ForCausalLM", "TextModel"):
+    for suffix in ("ForCausalLM", "TextModel", "ForConditionalGeneration"):
         matches = [cls for cls in classes if cls.__name__.endswith(suffix)]
         if matches:
             return matches[0]
-    raise ValueError(f"family {family!r} has neither a *ForCausalLM nor a *TextModel class.")
+    raise ValueError(f"family {family!r} has no *ForCausalLM, *TextModel or *ForConditionalGeneration class.")
 
 
 # Every field here is set only where the family's config has it (under this name or an alias).
@@ -67,6 +88,7 @@ TINY_FIELDS = dict(
     num_local_experts=8,
     num_experts_per_tok=2,
     num_experts_per_token=2,
+    top_k_experts=2,
     moe_topk=2,
     n_shared_experts=1,
     num_shared_experts=1,
@@ -108,6 +130,10 @@ FAMILY_FIXES = {
     # at two layers the default pattern is all linear attention, and the model needs an attention layer to measure
     # the sequence length
     "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
+    "qwen3_5_moe": dict(layer_types=["linear_attention", "full_attention"]),
+    "qwen4_exp": dict(layer_types=["linear_attention", "indexed_attention"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0),
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention"]),
     "glm5_next": dict(layer_types=["linear_attention", "full_attention"]),
     # per-modality expert sizes; multimodal rope sections must add up to head_dim // 2 (after partial rotary)
@@ -124,6 +150,15 @@ FAMILY_FIXES = {
         }
     ),
     "hy_v4_vl": dict(rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 1, 1]}),
+    # MoE blocks that are off by default, or left to the last layers of a full-size model
+    "gemma4": dict(enable_moe_block=True),
+    "diffusion_gemma": dict(enable_moe_block=True),
+    "flint": dict(mlp_only_layers=[]),
+    "lfm2_moe": dict(num_dense_layers=0, layer_types=["conv", "full_attention"]),
+    "deepseek_ocr2": dict(mlp_layer_types=["sparse", "sparse"]),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    # supports top-1 routing only
+    "zaya": dict(num_experts_per_tok=1),
     # builds a sliding-window mask on every forward, so it needs a window even when no layer slides
     "step3p7": dict(sliding_window=16),
 }
@@ -195,6 +230,7 @@ __all__ = [
     "build_tiny_model",
     "build_tiny_tokenizer",
     "correction_bias_families",
+    "moe_families",
     "tiny_config_kwargs",
     "tiny_model_class",
 ]
