@@ -26,31 +26,17 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
-from huggingface_hub.errors import StrictDataclassError
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    HfArgumentParser,
-    PreTrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-    set_seed,
-)
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import LocalTokenNotFoundError, StrictDataclassError
+from transformers import AutoConfig, HfArgumentParser, PreTrainedConfig, TrainingArguments
 
-from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeConfig, add_balancing_callback, export_to_glm4_moe
+from hf_lossfree_moe import LossFreeMoeConfig
 from hf_lossfree_moe.checkpoints import check_complete, checkpoint_step, run_checkpoints
 from hf_lossfree_moe.configuration_lossfree_moe import BiasType, BiasUpdateRule, LoadBalancing, ScoringFunc
-from hf_lossfree_moe.data import TextDataArguments, TextDatasets, tokenize_and_group, train_bpe_tokenizer
-from hf_lossfree_moe.export import check_glm4_moe_compatible
-from hf_lossfree_moe.model_card import DataSource, render_model_card, sample_prompt
-from hf_lossfree_moe.plotting import RoutingHistory, RoutingHistoryRecorder, draw_run_plots
+from hf_lossfree_moe.data import TextDataArguments, TextDatasets, check_data_file
 from hf_lossfree_moe.run_files import ROUTING_HISTORY_FILE
 from hf_lossfree_moe_scripts.run_record import (
     RUN_RECORD_FILE,
@@ -60,6 +46,15 @@ from hf_lossfree_moe_scripts.run_record import (
     resume_arguments,
     with_absolute_paths,
 )
+
+
+# The modules that build and train the model (the modeling code, the Trainer, plotting) take seconds to import: they
+# are imported where first used, after every argument has been checked, so a mistake is reported at once.
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    from hf_lossfree_moe.plotting import RoutingHistory
 
 
 DEFAULT_OUTPUT_DIR = "outputs/lossfree-moe-tiny"
@@ -216,22 +211,15 @@ def in_flags(message: str) -> str:
 class Job:
     """Everything `prepare` checked and built, ready to train."""
 
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    model: "PreTrainedModel"
+    tokenizer: "PreTrainedTokenizerBase"
     text: TextDatasets
-    train_dataset: Dataset
-    eval_dataset: Dataset
+    train_dataset: "Dataset"
+    eval_dataset: "Dataset"
     block_size: int
     checkpoint: str | None
-    history: RoutingHistory | None
+    history: "RoutingHistory | None"
     record: RunRecord
-
-
-class CardKeepingTrainer(Trainer):
-    """A Trainer whose `push_to_hub` keeps the job's README.md instead of writing its generic card over it."""
-
-    def create_model_card(self, *args, **kwargs):
-        return None
 
 
 def argument_parser() -> HfArgumentParser:
@@ -286,8 +274,6 @@ def build_config(model_args: ModelArguments) -> PreTrainedConfig:
     Rebuilt through `from_dict`, so the config's own checks judge every changed value.
     """
     overrides = model_args.balancing_overrides()
-    check_pretrained_name(model_args.model_name_or_path, "--model_name_or_path")
-    check_pretrained_name(model_args.config_name, "--config_name")
     if model_args.model_name_or_path is not None:
         if model_args.config_name is not None or model_args.config_overrides is not None:
             raise ValueError(
@@ -364,11 +350,66 @@ def check_checkpoint(checkpoint: str | None) -> None:
         raise ValueError(f"--resume_from_checkpoint {checkpoint}: {error}") from None
 
 
-def check_output_dir(output_dir: str, config: PreTrainedConfig, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds anything but this same model, unless told to overwrite.
+def check_before_work(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """The checks that need nothing loaded, run before the model code, the data or the Trainer is touched."""
+    check_hub_access(training_args)
+    if training_args.resume_from_checkpoint is None:
+        check_finished_output_dir(training_args.output_dir, model_args.overwrite_output_dir)
+    for name in ("train_file", "validation_file"):
+        if getattr(data_args, name) is not None:
+            check_data_file(getattr(data_args, name), name)
+    check_pretrained_name(model_args.model_name_or_path, "--model_name_or_path")
+    check_pretrained_name(model_args.config_name, "--config_name")
+    check_pretrained_name(data_args.tokenizer_name, "--tokenizer_name")
 
-    The model is the folder's own config.json or, for a run stopped before its final save, that of its newest
-    checkpoint holding one (a checkpoint whose writing was cut off may hold none).
+
+def check_hub_access(training_args: TrainingArguments) -> None:
+    """With --push_to_hub: a token the Hub accepts and a repository it lets us write, or a `ValueError` saying which.
+
+    The same calls the Trainer makes when it starts, made before minutes of data preparation and training.
+    """
+    if not training_args.push_to_hub:
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            "--push_to_hub needs the Hub, but offline mode is on (HF_HUB_OFFLINE is set): unset it, or train without "
+            "--push_to_hub and upload the folder later."
+        )
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+    api = HfApi(token=training_args.hub_token)
+    try:
+        user = api.whoami()["name"]
+        api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)
+    except LocalTokenNotFoundError:
+        raise ValueError(
+            "--push_to_hub needs a Hub token: log in with `hf auth login`, set HF_TOKEN, or pass --hub_token."
+        ) from None
+    except Exception as error:  # whatever stops the upload (network, token, permissions) stops the run here
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"--push_to_hub: cannot create or reach the Hub repository {repo_id} ({reason}).") from None
+    print(f"Hub: {repo_id} is ready for the upload, as {user}.")
+
+
+def check_finished_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to train anew into the folder of a finished run (its model is at the top), as transformers' scripts do.
+
+    A finished run continues with --model_name_or_path, an interrupted one with --resume_from_checkpoint.
+    """
+    if overwrite or not os.path.isfile(os.path.join(output_dir, "config.json")):
+        return
+    raise ValueError(
+        f"--output_dir {output_dir} already holds a trained model; pass --overwrite_output_dir to train a new one "
+        f"over it, --model_name_or_path {output_dir} with another --output_dir to train it further, or choose "
+        "another --output_dir."
+    )
+
+
+def check_output_dir(output_dir: str, config: PreTrainedConfig, overwrite: bool, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to write into a folder that holds anything but a stopped run of this same model, unless told to overwrite.
+
+    The folder's model is that of its newest checkpoint holding a config.json (a checkpoint whose writing was cut off
+    may hold none); a folder with a finished model at the top is refused earlier, by `check_finished_output_dir`.
+    `ignore` leaves out fields not known yet, such as the tokenizer's.
     """
     if overwrite or not os.path.isdir(output_dir) or not os.listdir(output_dir):
         return
@@ -384,7 +425,9 @@ def check_output_dir(output_dir: str, config: PreTrainedConfig, overwrite: bool)
             f"--output_dir {output_dir} holds a model this script cannot read ({error}); {advice}."
         ) from None
     wanted = comparable_config(config)
-    differences = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
+    differences = sorted(
+        key for key in set(saved) | set(wanted) if key not in ignore and saved.get(key) != wanted.get(key)
+    )
     if differences:
         shown = ", ".join(f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now" for key in differences[:5])
         raise ValueError(f"--output_dir {output_dir} holds a different model ({shown}); {advice}.")
@@ -402,9 +445,12 @@ def load_tokenizer(
     checkpoint: str | None,
     text: TextDatasets,
     config: PreTrainedConfig,
-) -> PreTrainedTokenizerBase:
+) -> "PreTrainedTokenizerBase":
     """The named tokenizer, else the continued model's or checkpoint's, else a BPE trained on the training text."""
-    check_pretrained_name(data_args.tokenizer_name, "--tokenizer_name")
+    from transformers import AutoTokenizer
+
+    from hf_lossfree_moe.data import train_bpe_tokenizer
+
     source = data_args.tokenizer_name or model_args.model_name_or_path or checkpoint
     if source is not None:
         return AutoTokenizer.from_pretrained(source, cache_dir=model_args.cache_dir, token=model_args.token)
@@ -416,11 +462,28 @@ def prepare(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, record: RunRecord
 ) -> Job:
     """Check every input and build model and data; any bad input raises `ValueError` before training starts."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from hf_lossfree_moe.data import tokenize_and_group
+    from hf_lossfree_moe.export import check_glm4_moe_compatible
+
     config = build_config(model_args)
     if model_args.export_glm4_moe:
         check_glm4_moe_compatible(config)
     block_size = resolve_block_size(data_args.block_size, config)
     checkpoint = training_args.resume_from_checkpoint
+    # The tokenizer sets these on a new model; it is read or trained with the data.
+    token_fields = (
+        () if model_args.model_name_or_path else ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+    )
+    if checkpoint is None:
+        check_output_dir(training_args.output_dir, config, model_args.overwrite_output_dir, ignore=token_fields)
+    if training_args.disable_tqdm:  # the Trainer's bars follow the flag; those of data and weight loading too
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     text = data_args.load(cache_dir=model_args.cache_dir, token=model_args.token)
     if training_args.do_train:
         record.start_training(text.source, data_args.resume_with_new_data)
@@ -430,7 +493,8 @@ def prepare(
         config.pad_token_id = tokenizer.pad_token_id
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
-    check_output_dir(training_args.output_dir, config, model_args.overwrite_output_dir)
+    if checkpoint is None:
+        check_output_dir(training_args.output_dir, config, model_args.overwrite_output_dir)
 
     with training_args.main_process_first(desc="tokenize and group"):
         blocks = tokenize_and_group(
@@ -456,12 +520,14 @@ def prepare(
     return Job(model, tokenizer, text, train_dataset, eval_dataset, block_size, checkpoint, history, record)
 
 
-def load_history(checkpoint: str | None) -> RoutingHistory | None:
+def load_history(checkpoint: str | None) -> "RoutingHistory | None":
     """The routing history saved with `checkpoint`, so a resumed run's plots cover the whole run.
 
     A checkpoint without one (a plain Trainer's) starts the history at its step, which is said, not left to notice
     on the plots.
     """
+    from hf_lossfree_moe.plotting import RoutingHistory
+
     if checkpoint is None:
         return None
     path = Path(checkpoint, ROUTING_HISTORY_FILE)
@@ -473,6 +539,18 @@ def load_history(checkpoint: str | None) -> RoutingHistory | None:
 
 def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Train, evaluate, save model, state, routing history, plots and card; returns the evaluation metrics."""
+    from transformers import ProgressCallback, Trainer, default_data_collator
+
+    from hf_lossfree_moe import LossFreeBalancingCallback, add_balancing_callback, export_to_glm4_moe
+    from hf_lossfree_moe.console import CompactProgressCallback
+    from hf_lossfree_moe.plotting import RoutingHistoryRecorder
+
+    class CardKeepingTrainer(Trainer):
+        """A Trainer whose `push_to_hub` keeps the job's README.md instead of writing its generic card over it."""
+
+        def create_model_card(self, *args, **kwargs):
+            return None
+
     use_cache = job.model.config.use_cache  # the Trainer turns it off for training
     trainer = CardKeepingTrainer(
         model=job.model,
@@ -482,6 +560,9 @@ def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training
         processing_class=job.tokenizer,
         data_collator=default_data_collator,
     )
+    if not training_args.disable_tqdm:  # one short line per log under the progress bar, not every per-layer figure
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(CompactProgressCallback)
     balancing = add_balancing_callback(trainer, LossFreeBalancingCallback(report=False))  # the recorder below reports
     recorder = RoutingHistoryRecorder(balancing, job.history)
     trainer.add_callback(recorder)
@@ -516,8 +597,8 @@ def run(job: Job, model_args: ModelArguments, data_args: DataArguments, training
 
 
 def package(
-    trainer: Trainer,
-    history: RoutingHistory,
+    trainer: "Trainer",
+    history: "RoutingHistory",
     job: Job,
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -527,6 +608,9 @@ def package(
 
     trainer_state.json comes after the files it is read with, as in a checkpoint.
     """
+    from hf_lossfree_moe.model_card import DataSource, render_model_card, sample_prompt
+    from hf_lossfree_moe.plotting import draw_run_plots
+
     args = trainer.args
     output_dir = Path(args.output_dir)
     history.save(output_dir / ROUTING_HISTORY_FILE)
@@ -583,6 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         model_args, data_args, training_args, record = parse_arguments(argv)
+        check_before_work(model_args, data_args, training_args)
         job = prepare(model_args, data_args, training_args, record)
     except (ValueError, OSError, StrictDataclassError) as error:
         raise SystemExit("error: " + " ".join(in_flags(str(error)).split())) from None

@@ -1,7 +1,9 @@
 import functools
 import glob
+import re
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +351,52 @@ def test_callback_takes_total_steps_from_the_trainer(tmp_path):
     callback._first_in_trainer = True
     callback.on_train_begin(args, state, TrainerControl(), model=model)
     assert (callback.balancer.total_steps, callback.balancer.completed_steps) == (40, 10)
+
+
+# What Trainer itself logs; every other key of a run's logs comes from the callback.
+TRAINER_KEYS = {
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "epoch",
+    "step",
+    "total_flos",
+    "eval_loss",
+    "eval_runtime",
+    "eval_samples_per_second",
+    "eval_steps_per_second",
+    "train_loss",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+}
+BALANCING_DOCS = Path(__file__).resolve().parents[1] / "docs" / "balancing.md"
+
+
+def documented_log_keys() -> list[str]:
+    """The first column of the table of logged keys in docs/balancing.md."""
+    text = BALANCING_DOCS.read_text(encoding="utf-8")
+    table = text[text.index("| key | when | meaning |") :].split("\n\n")[0]
+    return re.findall(r"^\| `([^`]+)` \|", table, flags=re.MULTILINE)
+
+
+def test_every_key_the_callback_logs_is_documented(tiny_config, tmp_path):
+    model = LossFreeMoeForCausalLM(tiny_config())
+    train, validation = padded_examples(8, seed=1), padded_examples(4, seed=2)
+    trainer = make_trainer(
+        model,
+        tmp_path,
+        train,
+        validation,
+        [LossFreeBalancingCallback()],
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+    )
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry} - TRAINER_KEYS
+    assert {"maxvio_batch/layer_1", "batch_load_cv", "bias_update_factor", "eval_min_load_ratio"} <= logged
+
+    patterns = [re.escape(key).replace(r"\{i\}", r"\d+") for key in documented_log_keys()]
+    undocumented = sorted(key for key in logged if not any(re.fullmatch(pattern, key) for pattern in patterns))
+    assert undocumented == []

@@ -66,3 +66,20 @@ def test_python_block_runs_as_written(
             f"{type(error).__name__}: {error}",
             pytrace=False,
         )
+
+
+def test_readme_trainer_example_trains_on_real_text_with_a_tokenizer():
+    """The front page's first example is what a user adapts: text and a tokenizer, not random token ids."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## With `Trainer`") :].split("\n## ")[0]
+    (code,) = [match.group(2) for match in PYTHON_BLOCK.finditer(section)]
+    assert "randint" not in code and "tokenizer = " in code and "processing_class=tokenizer" in code
+
+
+def test_training_page_says_how_far_its_result_figures_reproduce():
+    """The figures of `make train` differ between machines: the page says so, and what does reproduce."""
+    page = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    printed = re.search(r"eval_maxvio_global:\s+([0-9.]+)", page).group(1)
+    after = page[page.index(printed) :]
+    explanation = after[after.index("```\n") : after.index("![")]
+    assert "another machine prints others" in explanation and "deterministic" in explanation

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationConfig, Glm4MoeForCausalLM
 
@@ -191,11 +191,31 @@ def test_tokenizer_generation_config_and_card_travel(exported, tokenizer):
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and "glm4_moe" in card.data.tags
     assert "custom_code" not in card.data.tags
-    assert f"`{folder.parent / 'original'}`" in card.text  # the original, named
+    assert "`original`" in card.text  # the original, named by its folder's name
     assert "trained with **auxiliary-loss-free load balancing**" in card.text
     assert (
-        f'AutoModelForCausalLM.from_pretrained("{folder}")' in card.text and "trust_remote_code=True" not in card.text
+        f'AutoModelForCausalLM.from_pretrained("{folder.name}")' in card.text
+        and "trust_remote_code=True" not in card.text
     )
+    assert str(folder.parent) not in card.content  # no path of this machine
+
+
+def test_card_keeps_the_original_cards_evaluation_results_and_no_local_path(tmp_path, tiny_config):
+    original = tmp_path / "my-run"
+    trained_looking_model(tiny_config()).save_pretrained(original)
+    results = [
+        EvalResult("text-generation", "custom", "docs", "perplexity", 91.5, dataset_split="validation"),
+        EvalResult("text-generation", "custom", "docs", "maxvio_global", 0.0625, dataset_split="validation"),
+    ]
+    ModelCard.from_template(ModelCardData(model_name="my-run", eval_results=results)).save(original / "README.md")
+
+    card = ModelCard.load(export_to_glm4_moe(str(original), tmp_path / "my-run-glm4_moe") / "README.md")
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("perplexity", 91.5),
+        ("maxvio_global", 0.0625),
+    ]
+    assert str(tmp_path) not in card.content and "`my-run`" in card.text
+    assert 'from_pretrained("my-run-glm4_moe")' in card.text
 
 
 def test_card_links_a_hub_original_and_says_how_other_models_were_trained(tmp_path, tiny_config):

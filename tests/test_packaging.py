@@ -132,3 +132,13 @@ def test_installed_wheel_trains_and_writes_a_card(installed, tmp_path):
     for command in sorted(COMMANDS.keys() - {"hf-lossfree-moe-train"}):
         result = subprocess.run([str(bin_dir / command), "--help"], capture_output=True, text=True, env=env)
         assert result.returncode == 0 and result.stdout.startswith("usage:"), (command, result.stderr[-2000:])
+
+
+def test_fine_tuning_extra_installs_what_the_fine_tuning_page_imports_with_the_tested_pins():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert sorted(extras["fine-tuning"]) == sorted(r for r in extras["dev"] if r.startswith(("peft", "trl")))
+    page = (ROOT / "docs" / "fine_tuning.md").read_text()
+    assert 'pip install "hf-lossfree-moe[fine-tuning]"' in page
+    assert "from peft import" in page and "from trl import" in page

@@ -110,6 +110,23 @@ def test_plots_number_layers_as_the_run_logged_them(finished_run, drawn_labels):
     assert drawn_labels == {name: ["layer 1", "layer 2"] for name in (MAXVIO_PLOT, LOAD_HEATMAP_PLOT, BIAS_PLOT)}
 
 
+def test_every_plot_says_what_its_layer_numbers_are(finished_run, monkeypatch):
+    """The MoE layers are 1 and 2 of a model whose layer 0 is dense: each figure says so under its axes."""
+    captions = {}
+    monkeypatch.setattr(plotting, "_save", lambda fig, path: captions.setdefault(path.name, fig.get_supxlabel()))
+    draw_run_plots(finished_run)
+    expected = "layer i: the decoder layer index as the model numbers them (model.model.layers[i]);\nlayer 0 is dense"
+    assert captions == {name: f"{expected} (no router)" for name in (MAXVIO_PLOT, LOAD_HEATMAP_PLOT, BIAS_PLOT)}
+
+
+@pytest.mark.parametrize(
+    ("layers", "caption_end"),
+    [([1, 2], "layer 0 is dense (no router)"), ([2, 3], "layer 0, 1 are dense (no router)"), ([0, 1], "layers[i])")],
+)
+def test_layer_caption_names_the_dense_layers(layers, caption_end):
+    assert plotting.layer_caption(layers).endswith(caption_end)
+
+
 @pytest.mark.parametrize(
     ("names", "labels"),
     [

@@ -306,6 +306,9 @@ def check_outputs(output_dir: Path, steps: int, comparisons: list[str]):
     assert results["pipeline_check"] is True
     pngs = [f"maxvio_batch_{name}.png" for name in comparisons] + [f"expert_loads_{m.name}.png" for m in methods]
     pngs.append("maxvio_by_batch_size.png")
+    if any(method.config["load_balancing"] == "expert_choice" for method in methods):
+        pngs.append("training_loss_expert_choice.png")
+        assert "## Expert Choice: what the leak is worth (RQ4)" in report
     assert "## MaxVio over computation batches of growing size (RQ3)" in report
     for png in pngs:
         assert (output_dir / png).read_bytes()[:8] == PNG_MAGIC

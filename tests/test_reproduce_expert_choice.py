@@ -7,7 +7,11 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from hf_lossfree_moe import LossFreeBalancer
-from hf_lossfree_moe_scripts.reproduce.batch_report import computation_batch_table, leakage_setting
+from hf_lossfree_moe_scripts.reproduce.batch_report import (
+    computation_batch_table,
+    expert_choice_section,
+    leakage_setting,
+)
 from hf_lossfree_moe_scripts.reproduce.leakage import binary_entropy, leakage_bound_bits
 from hf_lossfree_moe_scripts.reproduce.loads import (
     computation_batch_sizes,
@@ -95,6 +99,10 @@ def test_expert_choice_runs_are_balanced_in_every_step(tiny_blocks, one_thread, 
     assert result.layers == [1, 2]
     assert torch.equal(torch.tensor(result.val_loads), torch.full((2, 8), 6 * 16 * 2 // 8))
     assert math.isfinite(result.val_perplexity) and len(result.train_loss) == 3
+    if name == "expert_choice_batch":  # shuffling tokens within the one chunk of a batch changes no pick
+        assert result.val_perplexity_shuffled_routing == pytest.approx(result.val_perplexity, rel=1e-6)
+    else:
+        assert math.isfinite(result.val_perplexity_shuffled_routing)
 
 
 def test_expert_choice_ablation_sets_expert_choice_against_loss_free():
@@ -113,3 +121,7 @@ def test_computation_batch_table_lists_token_choice_methods_only(tiny_blocks, on
     lines = computation_batch_table(results).splitlines()
     assert lines[0] == "| Method | 1 seq. | 2 seq. | 4 seq. | 6 seq. |"
     assert len(lines) == 3 and lines[2].startswith("| No balancing |")
+    section = expert_choice_section(results).splitlines()
+    assert section[0] == "## Expert Choice: what the leak is worth (RQ4)"
+    row = next(line for line in section if line.startswith("| Expert Choice, chunk = the batch |"))
+    assert row.split(" | ")[1] == f"{results[1].val_perplexity:.2f}"

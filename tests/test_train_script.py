@@ -114,6 +114,24 @@ def test_fast_run_leaves_a_complete_model_folder(trained):
     assert config["n_routed_experts"] == 8 and config["vocab_size"] == 400
 
 
+def test_progress_bar_shows_one_short_line_per_log(trained):
+    """Under the bar each log is one line of headline figures; the per-layer ones stay in the logs."""
+    _, stdout = trained
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4", "step 4"]  # two logs, the end of training
+    assert lines[0].startswith("step 2: loss ") and "| maxvio_batch " in lines[0]
+    assert all(len(line) < 120 for line in lines) and "{'loss'" not in stdout
+
+
+def test_disable_tqdm_hides_every_progress_bar(trained, tmp_path):
+    output_dir, _ = trained
+    command = [sys.executable, str(SCRIPT), "--model_name_or_path", str(output_dir), "--output_dir", str(tmp_path)]
+    command += ["--max_steps", "1", "--do_eval", "false", "--disable_tqdm", "true", *FAST_TRAINING]
+    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Tokenize" not in result.stderr and "%|" not in result.stderr  # neither datasets' bars nor the Trainer's
+
+
 def test_fast_run_prints_and_records_the_final_metrics(trained):
     output_dir, stdout = trained
     state = json.loads((output_dir / "trainer_state.json").read_text())
@@ -184,7 +202,10 @@ def test_export_glm4_moe_leaves_a_stock_copy_with_the_same_logits(trained):
     export_dir = output_dir.with_name("model-glm4_moe")
     assert f"Stock glm4_moe copy: {export_dir}" in stdout
     assert json.loads((export_dir / "config.json").read_text())["model_type"] == "glm4_moe"
-    assert ModelCard.load(export_dir / "README.md").text.count(f"`{output_dir}`") == 1  # links the original
+    card = ModelCard.load(export_dir / "README.md")
+    assert card.text.count("`model`") == 1 and str(output_dir.parent) not in card.content  # the original, by name
+    trained_card = ModelCard.load(output_dir / "README.md")
+    assert card.data.eval_results == trained_card.data.eval_results  # the same outputs, the same results
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     inputs = tokenizer("The for statement", return_tensors="pt")
     original = AutoModelForCausalLM.from_pretrained(output_dir).eval()
@@ -309,12 +330,57 @@ def test_model_name_or_path_continues_training_with_new_balancing_flags(trained,
     assert after["biases"][0] == after["biases"][-1] == before["biases"][-1]  # starts from the trained biases, kept
 
 
+# Runs the script as `python scripts/train.py ...` does, then says which of the modules that build the model, read
+# the data and train were imported by the time it stopped.
+RUN_AND_LIST_WORK_MODULES = """
+import atexit, runpy, sys
+WORK_MODULES = ("hf_lossfree_moe.modeling_lossfree_moe", "transformers.trainer", "hf_lossfree_moe.plotting")
+atexit.register(lambda: print("work modules:", [name for name in WORK_MODULES if name in sys.modules]))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_until_error(arguments: list[str], **env) -> str:
+    """The one `error:` line the script stops with, checked to come before the model, the data or the Trainer."""
+    command = [sys.executable, "-c", RUN_AND_LIST_WORK_MODULES, str(SCRIPT), *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, env={**SUBPROCESS_ENV, **env}, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Tokenize" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and result.stderr.strip().endswith(error_lines[0]), result.stderr[-3000:]
+    assert "work modules: []" in result.stdout  # stopped before any model, data or training work
+    return error_lines[0]
+
+
 def test_missing_file_exits_non_zero_with_the_message(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--train_file", "missing.txt", "--output_dir", str(tmp_path / "out")]
-    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
-    assert result.returncode == 1
-    assert result.stderr.strip().endswith("error: --train_file: no such file: missing.txt")
+    error = run_until_error(["--train_file", "missing.txt", "--output_dir", str(tmp_path / "out")])
+    assert error == "error: --train_file: no such file: missing.txt"
     assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_offline_stops_at_once(tmp_path):
+    error = run_until_error(["--push_to_hub", "--output_dir", str(tmp_path / "out")], HF_HUB_OFFLINE="1")
+    assert error.startswith("error: --push_to_hub needs the Hub, but offline mode is on (HF_HUB_OFFLINE is set)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_without_a_token_stops_at_once(tmp_path):
+    no_login = {"HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "", "HF_HUB_OFFLINE": "0"}
+    error = run_until_error(["--push_to_hub", "--output_dir", str(tmp_path / "out")], **no_login)
+    assert error == (
+        "error: --push_to_hub needs a Hub token: log in with `hf auth login`, set HF_TOKEN, or pass --hub_token."
+    )
+
+
+def test_rerunning_into_a_finished_run_asks_for_overwrite(trained):
+    output_dir, _ = trained
+    before = sorted(os.listdir(output_dir))
+    error = run_until_error(["--output_dir", str(output_dir), "--max_steps", "4", *FAST_RUN])
+    assert error.startswith(
+        f"error: --output_dir {output_dir} already holds a trained model; pass --overwrite_output_dir"
+    )
+    assert sorted(os.listdir(output_dir)) == before
 
 
 @pytest.fixture
@@ -401,11 +467,12 @@ def test_unknown_text_column_stops_before_training(tmp_path, small_csv):
 
 def test_output_dir_with_a_different_model_needs_overwrite(tmp_path, small_csv):
     output_dir = tmp_path / "out"
-    # The ids the run gives its tokenizer's special tokens: <|endoftext|> (0) ends documents, <|padding|> (1) pads.
+    # A stopped run's checkpoint. The ids the run gives its tokenizer's special tokens: <|endoftext|> (0) ends
+    # documents, <|padding|> (1) pads.
     saved = LossFreeMoeConfig(
         **train_script.TINY_CONFIG, bias_update_rate=0.01, bos_token_id=0, eos_token_id=0, pad_token_id=1
     )
-    saved.save_pretrained(output_dir)
+    saved.save_pretrained(output_dir / "checkpoint-3")
     before = sorted(os.listdir(output_dir))
     arguments = ["--train_file", str(small_csv), "--text_column_name", "content", "--output_dir", str(output_dir)]
     with pytest.raises(SystemExit, match=r"holds a different model \(bias_update_rate: 0.01 there, 0.001 now\)"):
@@ -429,16 +496,18 @@ def test_argument_file_is_read_as_a_config_file(tmp_path):
     assert train_script.build_config(model_args).bias_update_rate == 0.01
 
 
-def test_output_dir_with_the_same_model_is_reused_and_a_stopped_run_is_judged_by_its_checkpoint(tmp_path):
+def test_a_finished_run_needs_overwrite_and_a_stopped_run_is_judged_by_its_checkpoint(tmp_path):
     config = LossFreeMoeConfig(**train_script.TINY_CONFIG)
     config.save_pretrained(tmp_path / "finished")
-    train_script.check_output_dir(str(tmp_path / "finished"), config, overwrite=False)  # rerunning the same job
+    with pytest.raises(ValueError, match="already holds a trained model; pass --overwrite_output_dir"):
+        train_script.check_finished_output_dir(str(tmp_path / "finished"), overwrite=False)
+    train_script.check_finished_output_dir(str(tmp_path / "finished"), overwrite=True)
 
-    LossFreeMoeConfig(**{**train_script.TINY_CONFIG, "n_routed_experts": 8}).save_pretrained(
-        tmp_path / "stopped" / "checkpoint-7"
-    )
-    with pytest.raises(ValueError, match=r"holds a different model \(n_routed_experts: 8 there, 16 now\)"):
-        train_script.check_output_dir(str(tmp_path / "stopped"), config, overwrite=False)
+    config.save_pretrained(tmp_path / "stopped" / "checkpoint-7")
+    train_script.check_output_dir(str(tmp_path / "stopped"), config, overwrite=False)  # the same job, run again
+    other = LossFreeMoeConfig(**{**train_script.TINY_CONFIG, "n_routed_experts": 8})
+    with pytest.raises(ValueError, match=r"holds a different model \(n_routed_experts: 16 there, 8 now\)"):
+        train_script.check_output_dir(str(tmp_path / "stopped"), other, overwrite=False)
 
 
 @pytest.mark.parametrize(

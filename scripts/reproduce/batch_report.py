@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from .leakage import leakage_bound_bits
 from .methods import METHODS, is_expert_choice
-from .runs import RunResult, Scale
+from .runs import RunResult, Scale, final_mean, moving_average
 
 
 def token_choice_methods(results: Sequence[RunResult]) -> list[str]:
@@ -89,3 +89,56 @@ def leakage_setting(scale: Scale, capacity_factor: float = 1.0) -> str:
         f"E = {scale.n_routed_experts} experts, K = {scale.num_experts_per_tok}, capacity factor {capacity_factor:g} "
         "(docs/expert_choice.md)"
     )
+
+
+def expert_choice_methods(results: Sequence[RunResult]) -> list[str]:
+    return [name for name in dict.fromkeys(run.method for run in results) if is_expert_choice(METHODS[name])]
+
+
+def expert_choice_section(results: Sequence[RunResult]) -> str:
+    """The RQ4 part of results.md: each Expert Choice run's perplexity as trained and with its routing shuffled at
+    evaluation, beside loss-free balancing's, and the final training loss of each."""
+    shown = [name for name in ("loss_free", *expert_choice_methods(results)) if any(r.method == name for r in results)]
+    lines = [
+        "## Expert Choice: what the leak is worth (RQ4)",
+        "",
+        "Validation batches hold as many sequences as training batches, so that chunks are cut the same way. "
+        "'Shuffled at evaluation' evaluates the same weights with the batch's tokens shuffled before routing (one "
+        "sequence's worth of random tokens per chunk for a per-sequence model; over a single chunk, the whole batch, "
+        "it changes nothing). The training loss averages the last 5% of steps.",
+        "",
+        "| Method | Validation perplexity | Shuffled at evaluation | Training loss (final) |",
+        "|---|---|---|---|",
+    ]
+    for name in shown:
+        runs = [run for run in results if run.method == name]
+        shuffled = [run.val_perplexity_shuffled_routing for run in runs if run.val_perplexity_shuffled_routing]
+        cells = [
+            f"{statistics.fmean(run.val_perplexity for run in runs):.2f}",
+            f"{statistics.fmean(shuffled):.2f}" if shuffled else "—",
+            f"{statistics.fmean(final_mean(run.train_loss) for run in runs):.3f}",
+        ]
+        lines.append("| " + " | ".join([METHODS[name].label, *cells]) + " |")
+    lines += ["", "![Training loss, loss-free against Expert Choice](training_loss_expert_choice.png)"]
+    return "\n".join(lines)
+
+
+def plot_training_loss(results: Sequence[RunResult], path: str | Path) -> Path:
+    """Training loss over steps (moving average, first seed) of loss-free balancing and every Expert Choice run."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name in ("loss_free", *expert_choice_methods(results)):
+        run = next((run for run in results if run.method == name), None)
+        if run is None:
+            continue
+        window = max(1, len(run.train_loss) // 50)
+        ax.plot(range(1, len(run.train_loss) + 1), moving_average(run.train_loss, window), label=METHODS[name].label)
+    ax.set(
+        xlabel="training step",
+        ylabel="training loss (moving average)",
+        title="Training loss: loss-free balancing and Expert Choice",
+    )
+    ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)
+    fig.savefig(path, dpi=120)
+    return Path(path)

@@ -14,7 +14,14 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from hf_lossfree_moe.model_card import count_active_parameters
 from hf_lossfree_moe.plotting import plot_eval_load_heatmap
 
-from .batch_report import computation_batch_section, plot_maxvio_by_batch_size, token_choice_methods
+from .batch_report import (
+    computation_batch_section,
+    expert_choice_methods,
+    expert_choice_section,
+    plot_maxvio_by_batch_size,
+    plot_training_loss,
+    token_choice_methods,
+)
 from .methods import METHODS, Comparison, methods_of
 from .runs import (
     BALANCED_MAXVIO_BATCH,
@@ -23,6 +30,7 @@ from .runs import (
     RunResult,
     Scale,
     build_model,
+    moving_average,
 )
 
 
@@ -158,14 +166,6 @@ def write_json(
     Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
 
 
-def moving_average(values: Sequence[float], window: int) -> list[float]:
-    """Trailing mean over up to `window` values, as long as the input: per-step MaxVio_batch is noisy."""
-    cumulative = [0.0]
-    for value in values:
-        cumulative.append(cumulative[-1] + value)
-    return [(cumulative[i + 1] - cumulative[max(0, i + 1 - window)]) / min(window, i + 1) for i in range(len(values))]
-
-
 def plot_maxvio_batch_by_method(comparison: Comparison, results: Sequence[RunResult], path: str | Path) -> Path:
     """MaxVio_batch over training, one line per method (mean over seeds, the band spans the seeds): Figure 3."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -233,6 +233,9 @@ def write_outputs(
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
     report = markdown_report(comparisons, summary, settings, pipeline_check)
+    if expert_choice_methods(results):
+        report += "\n" + expert_choice_section(results) + "\n"
+        plot_training_loss(results, output_dir / "training_loss_expert_choice.png")
     if token_choice_methods(results):
         report += "\n" + computation_batch_section(results, scale.block_size) + "\n"
         plot_maxvio_by_batch_size(results, output_dir / "maxvio_by_batch_size.png")

@@ -36,7 +36,13 @@ from hf_lossfree_moe import (
 from hf_lossfree_moe.balance_metrics import compute_load_metrics
 from hf_lossfree_moe.data import TEXT_COLUMN, tokenize_and_group, train_bpe_tokenizer
 
-from .loads import StepLoadsCallback, computation_batch_sizes, evaluate_by_sequence, maxvio_by_batch_size
+from .loads import (
+    StepLoadsCallback,
+    computation_batch_sizes,
+    evaluate_by_sequence,
+    maxvio_by_batch_size,
+    moe_routers,
+)
 from .methods import Comparison, Method, is_expert_choice, methods_of
 
 
@@ -209,7 +215,9 @@ class RunResult:
     tuned on. `val_load_metrics` are `load_metrics` of the validation loads (dead experts, CV, min / mean load).
 
     `maxvio_by_batch_size` maps a computation-batch size (validation sequences) to the MaxVio of such batches,
-    averaged over them (the paper's expert-parallelism question; see loads.py)."""
+    averaged over them (the paper's expert-parallelism question; see loads.py). `val_perplexity_shuffled_routing`
+    (Expert Choice only) evaluates the same weights with the batch's tokens shuffled before routing: a model that
+    learned to read its future from the routing of its own sequence loses that."""
 
     method: str
     seed: int
@@ -229,6 +237,7 @@ class RunResult:
     wall_time_s: float
     val_load_metrics: dict[str, float] = field(default_factory=dict)
     maxvio_by_batch_size: dict[int, float] = field(default_factory=dict)
+    val_perplexity_shuffled_routing: float | None = None
 
     @property
     def peak_maxvio_batch_after_collapse(self) -> float:
@@ -302,6 +311,14 @@ def final_mean(curve: Sequence[float]) -> float:
     """Mean of the last `FINAL_WINDOW_FRACTION` of a per-step curve (at least its last value)."""
     window = max(1, round(len(curve) * FINAL_WINDOW_FRACTION))
     return statistics.fmean(curve[-window:])
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values, as long as the input: per-step MaxVio_batch is noisy."""
+    cumulative = [0.0]
+    for value in values:
+        cumulative.append(cumulative[-1] + value)
+    return [(cumulative[i + 1] - cumulative[max(0, i + 1 - window)]) / min(window, i + 1) for i in range(len(values))]
 
 
 def training_arguments(spec: RunSpec, output_dir: str) -> TrainingArguments:
@@ -407,6 +424,7 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
     _, seen_loads = evaluate_by_sequence(model, seen_blocks, batch_size)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return RunResult(
+        val_perplexity_shuffled_routing=math.exp(_loss_with_shuffled_routing(model, val_blocks, batch_size)),
         method=spec.method.name,
         seed=spec.seed,
         val_loss=val_loss,
@@ -428,6 +446,22 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
             sequence_loads, layers, computation_batch_sizes(len(val_blocks)), spec.seed
         ),
     )
+
+
+def _loss_with_shuffled_routing(model: LossFreeMoeForCausalLM, blocks: torch.Tensor, batch_size: int) -> float:
+    """Validation loss of an Expert Choice model whose routers shuffle the batch's tokens before cutting chunks."""
+    _, routers = moe_routers(model)
+    trained = [router.shuffle for router in routers]
+    for router in routers:
+        router.shuffle = True
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same permutations for every run
+            loss, _ = evaluate_by_sequence(model, blocks, batch_size)
+    finally:
+        for router, shuffle in zip(routers, trained, strict=True):
+            router.shuffle = shuffle
+    return loss
 
 
 def run_all(specs: Sequence[RunSpec], execution: Execution) -> list[RunResult]:

@@ -48,7 +48,6 @@ check_transformers_version()  # before the imports below, which an unsupported v
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
-from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
@@ -278,6 +277,8 @@ class LossFreeMoeConfig(PreTrainedConfig):
             self._require(_positive_int(getattr(self, name)), name, "a positive integer")
         for name in ("n_shared_experts", "first_k_dense_replace"):
             self._require(getattr(self, name) >= 0, name, "a non-negative integer")
+        from transformers.activations import ACT2FN  # here: it imports torch.distributed.tensor, seconds
+
         self._require(self.hidden_act in ACT2FN, "hidden_act", f"one of {sorted(ACT2FN)}")
 
     def validate_attention(self):

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import EvalResult, ModelCard
 from transformers import AutoConfig, AutoTokenizer, Glm4MoeConfig, Glm4MoeForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
@@ -160,9 +161,12 @@ def export_to_glm4_moe(
         model_or_path: A `LossFreeMoeForCausalLM`, or a folder or Hub id holding one.
         save_directory: Where to write; created if missing. Must not be the original's own folder.
         tokenizer: Saved with the export. Default: the tokenizer saved with the original, if it has one.
-        original: Hub id, URL or folder of the original model, named and linked in the card. Default: the folder or
-            Hub id the model was loaded from.
-        repo_id: Where the export will live (a Hub id), used in the card's usage examples. Default: `save_directory`.
+        original: Hub id, URL or folder of the original model, named and linked in the card (a folder by its name
+            only: the card travels, this machine's paths do not). Default: the folder or Hub id the model was loaded
+            from. The evaluation results of the original's card (its model-index) carry over: the export computes
+            the same outputs.
+        repo_id: Where the export will live (a Hub id), used in the card's usage examples. Default: the name of
+            `save_directory`.
 
     Returns:
         The export folder.
@@ -187,8 +191,9 @@ def export_to_glm4_moe(
     card = render_glm4_moe_card(
         model.config,
         model_name=Path(repo_id).name if repo_id else save_directory.resolve().name,
-        repo_id=repo_id or str(save_directory),
+        repo_id=repo_id or save_directory.resolve().name,
         original=original or source,
+        eval_results=_saved_eval_results(source if source is not None else _folder_or_none(original)),
     )
 
     with torch.device("meta"):
@@ -228,6 +233,27 @@ def _saved_tokenizer(source: str) -> PreTrainedTokenizerBase | None:
     if cached_file(source, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False) is None:
         return None
     return AutoTokenizer.from_pretrained(source)
+
+
+def _folder_or_none(path: str | None) -> str | None:
+    return path if path is not None and os.path.isdir(path) else None
+
+
+def _saved_eval_results(source: str | None) -> list[EvalResult] | None:
+    """The evaluation results in the model-index of the README.md card of `source`, the model's folder or Hub id.
+
+    For a model built in memory `source` is the `original` argument, read only when it is a folder: a Hub id or URL
+    named there is not fetched.
+    """
+    if source is None or source.startswith(("http://", "https://")):
+        return None
+    card_path = cached_file(
+        source,
+        "README.md",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return None if card_path is None else ModelCard.load(card_path).data.eval_results
 
 
 __all__ = ["check_glm4_moe_compatible", "export_to_glm4_moe", "to_glm4_moe_config", "glm4_moe_state_dict"]

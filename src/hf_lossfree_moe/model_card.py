@@ -194,14 +194,20 @@ def render_glm4_moe_card(
     model_name: str,
     repo_id: str,
     original: str | None,
+    eval_results: list[EvalResult] | None = None,
     template_path: str | os.PathLike | None = None,
 ) -> ModelCard:
     """The card of a stock `glm4_moe` export of a LossFreeMoe: what it is, where it came from, how to run it.
 
-    `original` (a Hub id, URL or folder) is named in the text, linked when it is a Hub id or URL, and a Hub id also
-    becomes the `base_model` metadata. `template_path` defaults to the packaged template.
+    `original` (a Hub id, URL or folder; a folder by its name only) is named in the text, linked when it is a Hub id
+    or URL, and a Hub id also becomes the `base_model` metadata. `eval_results` (the original's, which the export reproduces) go into the
+    model-index. `template_path` defaults to the packaged template.
     """
-    original_url = hub_url(original)
+    if original is not None and os.path.isdir(original):
+        original = Path(original).resolve().name  # the card travels with the folder, not with this machine
+        original_url = None
+    else:
+        original_url = hub_url(original)
     is_hub_id = original_url is not None and not original.startswith(("http://", "https://"))
     card_data = ModelCardData(
         model_name=model_name,
@@ -210,6 +216,7 @@ def render_glm4_moe_card(
         pipeline_tag="text-generation",
         tags=GLM4_MOE_TAGS + [PAPER],
         base_model=original if is_hub_id else None,
+        eval_results=eval_results or None,
     )
     return ModelCard.from_template(
         card_data,

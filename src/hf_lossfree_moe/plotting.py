@@ -95,6 +95,20 @@ def layer_labels(router_names: list[str], layers: list[int] | None = None) -> li
     return [f"layer {layer}" for layer in (layer_numbers(router_names) if layers is None else layers)]
 
 
+def layer_caption(layers: list[int]) -> str:
+    """The footnote that says what a plot's layer numbers are, naming the dense layers that have no router."""
+    dense = [layer for layer in range(max(layers, default=0)) if layer not in layers]
+    caption = "layer i: the decoder layer index as the model numbers them (model.model.layers[i])"
+    if dense:
+        names = ", ".join(str(layer) for layer in dense)
+        caption += f";\nlayer {names} {'is' if len(dense) == 1 else 'are'} dense (no router)"
+    return caption
+
+
+def _add_layer_caption(fig: Figure, layers: list[int]) -> None:
+    fig.supxlabel(layer_caption(layers), fontsize=8, color="0.3")
+
+
 def plot_maxvio_batch(
     log_history: list[dict], router_names: list[str], path: str | Path, layers: list[int] | None = None
 ) -> Path:
@@ -108,7 +122,8 @@ def plot_maxvio_batch(
     steps = [entry["step"] for entry in logs]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for layer in layer_numbers(router_names) if layers is None else layers:
+    layers = layer_numbers(router_names) if layers is None else layers
+    for layer in layers:
         key = f"maxvio_batch/layer_{layer}"
         ax.plot(steps, [entry.get(key, np.nan) for entry in logs], lw=1, alpha=0.6, label=f"layer {layer}")
     ax.plot(steps, [entry["maxvio_batch"] for entry in logs], color="black", lw=2.5, label="mean over layers")
@@ -125,6 +140,7 @@ def plot_maxvio_batch(
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
+    _add_layer_caption(fig, layers)
     return _save(fig, path)
 
 
@@ -149,10 +165,12 @@ def plot_eval_load_heatmap(
     if num_experts <= MAX_ANNOTATED_EXPERTS:
         for (row, col), value in np.ndenumerate(relative):
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    layers = layer_numbers(router_names) if layers is None else layers
     ax.set_xticks(range(num_experts))
     ax.set_yticks(range(num_layers), layer_labels(router_names, layers))
     ax.set(xlabel="routed expert", title=title)
     fig.colorbar(image, ax=ax, label="relative load")
+    _add_layer_caption(fig, layers)
     return _save(fig, path)
 
 
@@ -165,20 +183,23 @@ def plot_bias_trajectories(history: RoutingHistory, path: str | Path) -> Path:
     fig = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
     expert_colors = ScalarMappable(norm=Normalize(0, num_experts - 1), cmap="viridis")
+    layers = layer_numbers(history.router_names) if not history.layers else history.layers
     for index, (ax, label) in enumerate(
-        zip(axes[:num_layers], layer_labels(history.router_names, history.layers), strict=True)
+        zip(axes[:num_layers], layer_labels(history.router_names, layers), strict=True)
     ):
         for expert in range(num_experts):
             ax.plot(history.steps, biases[:, index, expert], lw=1, color=expert_colors.to_rgba(expert))
         ax.set_title(label)
         ax.grid(alpha=0.3)
+        if index + cols >= num_layers:  # the lowest panel of its column
+            ax.set_xlabel("training step")
     for ax in axes[num_layers:]:
         ax.set_visible(False)
     colorbar = fig.colorbar(expert_colors, ax=axes.tolist(), label="routed expert")
     colorbar.locator = MaxNLocator(integer=True)
-    fig.supxlabel("training step")
     fig.supylabel("routing bias")
     fig.suptitle("Expert bias trajectories")
+    _add_layer_caption(fig, layers)
     return _save(fig, path)
 
 
