@@ -40,8 +40,10 @@ def main(argv=None):
     )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--summary", help="Write the --dynamics runs' figures and MaxVio_batch curves here (JSON).")
     args = parser.parse_args(argv)
     curves: dict[str, list[list[float]]] = {}
+    summary = []
     for run in json.loads(Path(args.results).read_text(encoding="utf-8"))["runs"]:
         label = METHODS[run["method"]].label
         curves.setdefault(label, []).append(run["maxvio_batch"])
@@ -53,6 +55,18 @@ def main(argv=None):
         curves.setdefault(METHODS[args.method].label, []).append(curve)
         held_out = run["maxvio_global"]
         train_blocks = run.get("probe", {}).get("final", {}).get("maxvio_train")
+        summary.append(
+            {
+                "method": args.method,
+                "config": run["config"],
+                "seed": run["seed"],
+                **held_out,
+                "maxvio_global_train": train_blocks,
+                **run_figures(curve),
+                "probe": run.get("probe"),
+                "maxvio_batch": curve,
+            }
+        )
         print(
             METHODS[args.method].label,
             run["seed"],
@@ -76,6 +90,8 @@ def main(argv=None):
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncol=1, fontsize=8)
     fig.savefig(args.output, dpi=120)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

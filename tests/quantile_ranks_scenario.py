@@ -1,7 +1,8 @@
-"""Run by test_update_rules.py under torchrun (2 CPU processes, gloo): Quantile Balancing over data-parallel ranks.
+"""Run by test_bias_update.py under torchrun (2 CPU processes, gloo): Quantile Balancing over data-parallel ranks.
 
 Each rank routes its own two micro-batches of different lengths (one padded) through the same model, then steps the
-balancer once; it writes its local candidate sums and numbers of router calls (before the step) and its biases after.
+balancer, twice; per step it writes its local candidate sums and numbers of router calls (before the step) and its
+biases after.
 """
 
 import json
@@ -29,14 +30,22 @@ def main(out_dir: Path):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = LossFreeMoeForCausalLM(LossFreeMoeConfig(**TINY, bias_update_rule="quantile")).train()
+    # annealed with A = 1: the first update replaces the bias, the second blends with weight 1 / 2
+    config = LossFreeMoeConfig(
+        **TINY, bias_update_rule="quantile", bias_quantile_anneal_steps=1, bias_quantile_ema=0.1
+    )
+    model = LossFreeMoeForCausalLM(config).train()
     balancer = LossFreeBalancer(model)
-    with torch.no_grad():
-        for input_ids, attention_mask in micro_batches(rank):
-            model(input_ids=input_ids, attention_mask=attention_mask)
-    sums, calls = balancer._counter.candidates.stacked(balancer.device)
-    balancer.step()
-    result = {"sums": sums.tolist(), "calls": calls.tolist(), "biases": balancer.biases().tolist()}
+    result = {"sums": [], "calls": [], "biases": []}
+    for _ in range(2):
+        with torch.no_grad():
+            for input_ids, attention_mask in micro_batches(rank):
+                model(input_ids=input_ids, attention_mask=attention_mask)
+        sums, calls = balancer._counter.candidates.stacked(balancer.device)
+        balancer.step()
+        result["sums"].append(sums.tolist())
+        result["calls"].append(calls.tolist())
+        result["biases"].append(balancer.biases().tolist())
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

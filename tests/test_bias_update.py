@@ -199,13 +199,17 @@ def test_quantile_step_sums_counts_candidates_and_calls_over_ranks_in_one_collec
 def test_quantile_candidates_average_over_ranks_and_biases_stay_identical(tmp_path):
     ranks = run_on_two_ranks(Path(__file__).parent / "quantile_ranks_scenario.py", tmp_path, timeout=300)
     assert ranks[0]["biases"] == ranks[1]["biases"]
-    assert ranks[0]["sums"] != ranks[1]["sums"]  # the ranks routed different tokens
-    sums = sum(torch.tensor(rank["sums"]) for rank in ranks)  # (L, E)
-    calls = sum(torch.tensor(rank["calls"]) for rank in ranks)  # (L, 1): 2 micro-batches on each of 2 ranks
-    assert calls.flatten().tolist() == [4.0, 4.0]
-    mean = sums / calls
-    expected = mean - mean.mean(dim=-1, keepdim=True)  # bias_quantile_ema = 1: the candidate replaces the bias
-    torch.testing.assert_close(torch.tensor(ranks[0]["biases"]), expected.float(), atol=1e-6, rtol=0)
+    assert ranks[0]["sums"][0] != ranks[1]["sums"][0]  # the ranks routed different tokens
+    previous = torch.zeros(2, 8)
+    for step, weight in enumerate([1.0, 0.5]):  # annealed with A = 1: 1, then 1 / 2
+        sums = sum(torch.tensor(rank["sums"][step]) for rank in ranks)  # (L, E)
+        calls = sum(torch.tensor(rank["calls"][step]) for rank in ranks)  # (L, 1): 2 micro-batches on each of 2 ranks
+        assert calls.flatten().tolist() == [4.0, 4.0]
+        mean = sums / calls
+        target = mean - mean.mean(dim=-1, keepdim=True)
+        expected = previous + weight * (target.float() - previous)
+        torch.testing.assert_close(torch.tensor(ranks[0]["biases"][step]), expected, atol=1e-6, rtol=0)
+        previous = expected
 
 
 def test_balancer_smebu_keeps_momentum_between_steps():
