@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hf_lossfree_moe import LossFreeMoeConfig, LossFreeMoeForCausalLM
+from hf_lossfree_moe_scripts.reproduce.runs import Scale
 
 
 TINY = dict(
@@ -27,6 +28,22 @@ TINY = dict(
     pad_token_id=0,
     eos_token_id=1,
     bos_token_id=2,
+)
+
+# A replay model small enough for unit tests: 3 layers (the first dense), 8 routed experts, top-2.
+REPLAY_TINY_SCALE = Scale(
+    vocab_size=300,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    block_size=16,
+    batch_size=4,
+    max_steps=5,
+    eval_batch_size=3,
 )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPLAY_TINY_SCALE as TINY_SCALE
 from hf_lossfree_moe import LossFreeBalancer, compute_maxvio
 from hf_lossfree_moe_scripts import reproduce_paper
 from hf_lossfree_moe_scripts.reproduce.methods import (
@@ -43,21 +44,6 @@ from hf_lossfree_moe_scripts.reproduce.runs import (
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# A model small enough for unit tests: 3 layers (the first dense), 8 routed experts, top-2.
-TINY_SCALE = Scale(
-    vocab_size=300,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    block_size=16,
-    batch_size=4,
-    max_steps=5,
-    eval_batch_size=3,
-)
 
 
 def run_result(method: str, seed: int, perplexity: float, maxvio_global: float, maxvio_batch: float, wall: float):

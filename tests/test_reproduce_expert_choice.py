@@ -1,11 +1,13 @@
 """The replay's Expert Choice runs (RQ4), its leakage bound, and MaxVio over computation batches (RQ3)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+from conftest import REPLAY_TINY_SCALE
 from hf_lossfree_moe import LossFreeBalancer
 from hf_lossfree_moe_scripts.reproduce.batch_report import (
     computation_batch_table,
@@ -22,20 +24,7 @@ from hf_lossfree_moe_scripts.reproduce.methods import METHODS, select_comparison
 from hf_lossfree_moe_scripts.reproduce.runs import RunSpec, Scale, build_model, measure_held_out, train_and_evaluate
 
 
-TINY_SCALE = Scale(
-    vocab_size=300,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    block_size=16,
-    batch_size=4,
-    max_steps=3,
-    eval_batch_size=3,
-)
+TINY_SCALE = replace(REPLAY_TINY_SCALE, max_steps=3)
 
 
 def test_leakage_bound_by_hand():

@@ -364,19 +364,12 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     maxvio_batch = [log["maxvio_batch"] for log in steps]
     val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
     val_loss, loads = measure_held_out(model, balancer, val_blocks, spec.scale.eval_batch_size)
-    held_out = compute_maxvio(loads, balancer.layers)
-    train_blocks = spec.blocks["train"]
-    seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
-    _, seen_loads = measure_held_out(model, balancer, seen_blocks, spec.scale.eval_batch_size)
+    _, seen_loads = measure_held_out(
+        model, balancer, training_blocks_like(spec, val_blocks), spec.scale.eval_batch_size
+    )
     _, sequence_loads = evaluate_by_sequence(model, val_blocks, spec.scale.eval_batch_size)
     result = RunResult(
-        method=spec.method.name,
-        seed=spec.seed,
-        val_loss=val_loss,
-        val_perplexity=math.exp(val_loss),
-        maxvio_global=held_out.mean,
-        maxvio_global_per_layer=held_out.per_layer,
-        maxvio_global_train=compute_maxvio(seen_loads, balancer.layers).mean,
+        **_evaluation_fields(spec, val_loss, loads, seen_loads, balancer.layers),
         final_maxvio_batch=final_mean(maxvio_batch),
         maxvio_batch=maxvio_batch,
         bias_abs_max=[log["bias_abs_max"] for log in steps],
@@ -393,6 +386,28 @@ def train_and_evaluate(spec: RunSpec) -> RunResult:
     )
     balancer.remove()
     return result
+
+
+def training_blocks_like(spec: RunSpec, val_blocks: torch.Tensor) -> torch.Tensor:
+    """As many training blocks as there are validation blocks, spread evenly over the training split: (N, S)."""
+    train_blocks = spec.blocks["train"]
+    return torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
+
+
+def _evaluation_fields(
+    spec: RunSpec, val_loss: float, loads: torch.Tensor, seen_loads: torch.Tensor, layers: list[int]
+) -> dict:
+    """The `RunResult` fields every method reports from its validation and training-block (L, E) loads."""
+    held_out = compute_maxvio(loads, layers)
+    return dict(
+        method=spec.method.name,
+        seed=spec.seed,
+        val_loss=val_loss,
+        val_perplexity=math.exp(val_loss),
+        maxvio_global=held_out.mean,
+        maxvio_global_per_layer=held_out.per_layer,
+        maxvio_global_train=compute_maxvio(seen_loads, layers).mean,
+    )
 
 
 def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
@@ -418,20 +433,11 @@ def _train_and_evaluate_expert_choice(spec: RunSpec) -> RunResult:
     val_blocks = torch.tensor(spec.blocks["validation"]["input_ids"])  # (N, S)
     val_loss, sequence_loads = evaluate_by_sequence(model, val_blocks, batch_size)
     loads = sequence_loads.sum(dim=0)  # (L, E)
-    held_out = compute_maxvio(loads, layers)
-    train_blocks = spec.blocks["train"]
-    seen_blocks = torch.tensor(train_blocks.select(spread_indices(len(train_blocks), len(val_blocks)))["input_ids"])
-    _, seen_loads = evaluate_by_sequence(model, seen_blocks, batch_size)
+    _, seen_loads = evaluate_by_sequence(model, training_blocks_like(spec, val_blocks), batch_size)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return RunResult(
         val_perplexity_shuffled_routing=math.exp(_loss_with_shuffled_routing(model, val_blocks, batch_size)),
-        method=spec.method.name,
-        seed=spec.seed,
-        val_loss=val_loss,
-        val_perplexity=math.exp(val_loss),
-        maxvio_global=held_out.mean,
-        maxvio_global_per_layer=held_out.per_layer,
-        maxvio_global_train=compute_maxvio(seen_loads.sum(dim=0), layers).mean,
+        **_evaluation_fields(spec, val_loss, loads, seen_loads.sum(dim=0), layers),
         final_maxvio_batch=final_mean(step_loads.maxvio_batch),
         maxvio_batch=step_loads.maxvio_batch,
         bias_abs_max=[0.0] * len(step_loads.maxvio_batch),
