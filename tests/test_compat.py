@@ -1,17 +1,25 @@
 """The torch and transformers behaviour that each workaround of compat.py relies on: a change there fails here."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from torch.utils.checkpoint import checkpoint
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from hf_lossfree_moe import LossFreeMoeConfig
-from hf_lossfree_moe.compat import calling_handler, in_backward, scoring_function_from_source
+from hf_lossfree_moe.compat import (
+    calling_handler,
+    checkpoint_being_saved,
+    in_backward,
+    resumed_checkpoint,
+    scoring_function_from_source,
+)
 from hf_lossfree_moe.routers import BIAS_NAME, SCORING_FUNCTION_ATTRIBUTES, find_routers
 from hf_lossfree_moe.testing_utils import build_tiny_model
 
@@ -99,3 +107,55 @@ def test_autograd_says_when_a_backward_runs_and_checkpointing_recomputes_in_it()
 
         checkpoint(forward, weight, use_reentrant=reentrant).sum().backward()
         assert calls == [False, True], reentrant  # the forward, then its recomputation inside backward
+
+
+class SaveOrderProbe(TrainerCallback, ExportableState):
+    """Records, whenever the Trainer asks for its state, what `checkpoint_being_saved` names and what is on disk;
+    and, at `on_train_begin`, the checkpoint `resumed_checkpoint` finds."""
+
+    def __init__(self):
+        self.saves, self.resumed, self.training = [], [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = (args, state)
+        self.resumed.append(resumed_checkpoint())
+
+    def state(self) -> dict:
+        if self.training is not None:
+            args, state = self.training
+            folder = checkpoint_being_saved(args, state)
+            present = sorted(path.name for path in Path(args.output_dir).glob("checkpoint-*"))
+            self.saves.append((folder.name, (folder / TRAINER_STATE_NAME).exists(), present))
+        return {"args": {}, "attributes": {}}
+
+
+def test_the_trainer_asks_for_callback_states_before_a_checkpoint_counts_as_done(tmp_path):
+    """`state()` runs once the checkpoint folder holds the model, before its trainer_state.json and before older
+    checkpoints are deleted; `on_train_begin` runs where the resumed checkpoint's path can be read."""
+    inputs = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 64, (8, 8)).tolist()]
+
+    def train(output_dir, resume_from_checkpoint=None):
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=2,
+            max_steps=4,
+            save_steps=2,
+            save_total_limit=1,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        probe = SaveOrderProbe()
+        Trainer(model=build_tiny_model("qwen3_moe"), args=args, train_dataset=inputs, callbacks=[probe]).train(
+            resume_from_checkpoint=resume_from_checkpoint
+        )
+        return probe
+
+    probe = train(tmp_path / "a")
+    assert probe.resumed == [None]
+    assert probe.saves == [
+        ("checkpoint-2", False, ["checkpoint-2"]),
+        ("checkpoint-4", False, ["checkpoint-2", "checkpoint-4"]),
+    ]
+    resumed = train(tmp_path / "b", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    assert resumed.resumed == [str(tmp_path / "a" / "checkpoint-4")]

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .balance_metrics import compute_layer_spread_metrics, compute_load_metrics, compute_maxvio
 from .balancing import LoadMeasurement, LossFreeBalancer
 from .checkpoints import fault_point
-from .compat import calling_handler, resumed_checkpoint
+from .compat import calling_handler, checkpoint_being_saved, resumed_checkpoint
 from .settings import ALIASES, LEGACY_POSITIONAL, BalancingSettings, is_legacy_positional, legacy_positional
 
 
@@ -204,11 +203,9 @@ class LossFreeBalancingCallback(TrainerCallback, ExportableState):
         makes the checkpoint count as done (and only then deletes older checkpoints): the registered checkpoint
         files are written here, so no checkpoint holds a trainer_state.json without them.
         """
-        if self._training is not None:
-            args, state = self._training
-            checkpoint = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            if args.should_save and checkpoint.is_dir():
-                self.write_checkpoint_files(checkpoint, state.global_step)
+        checkpoint = None if self._training is None else checkpoint_being_saved(*self._training)
+        if checkpoint is not None:  # see compat.checkpoint_being_saved for the order this relies on
+            self.write_checkpoint_files(checkpoint, self._training[1].global_step)
         args = {**self.settings.to_dict(), "report": self._write_reports}
         attributes = {
             "balancer_state": None if self.balancer is None else self.balancer.state_dict(),

@@ -3,19 +3,21 @@
 Each workaround is one function here, with the versions it was tested with; tests/test_compat.py checks the
 behaviour each one relies on, so an upgrade that changes it fails there first instead of breaking silently.
 
-The fourth workaround, turning `@strict`'s own validation errors into the `ValueError` naming the field
-(`_raise_value_errors` in configuration_lossfree_moe.py, which patches the config's `__setattr__` and `validate`),
+One workaround lives elsewhere: turning `@strict`'s own validation errors into the `ValueError` naming the field
+(`_raise_value_errors` in configuration_lossfree_moe.py, which patches the config's `__setattr__` and `validate`)
 stays in that file: a saved model folder loads it as remote code, alone. Its test is here with the others.
 """
 
 import inspect
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 
 if TYPE_CHECKING:
+    from transformers import TrainerState, TrainingArguments
     from transformers.trainer_callback import CallbackHandler, TrainerCallback
 
 
@@ -39,6 +41,19 @@ def calling_handler(callback: "TrainerCallback", max_depth: int = 8) -> "Callbac
         return None
     finally:
         del frame
+
+
+# Tested with transformers 5.24: `Trainer._save_checkpoint` writes the model, optimizer, scheduler and RNG states into
+# `<output_dir>/checkpoint-<global_step>`, then calls every `ExportableState` callback's `state()`, then writes that
+# folder's trainer_state.json, and only then deletes older checkpoints (`rotate_checkpoints`). Crash safety rests on
+# this order: files written from `state()` are in place before the checkpoint counts as complete.
+def checkpoint_being_saved(args: "TrainingArguments", state: "TrainerState") -> Path | None:
+    """The checkpoint folder the Trainer is saving when it calls a callback's `state()` during training (None on a
+    process that does not save, or before the folder exists)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    checkpoint = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+    return checkpoint if args.should_save and checkpoint.is_dir() else None
 
 
 # Tested with transformers 5.24: `Trainer._inner_training_loop` holds the checkpoint it resumes from in its local
@@ -89,4 +104,10 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-__all__ = ["calling_handler", "in_backward", "resumed_checkpoint", "scoring_function_from_source"]
+__all__ = [
+    "calling_handler",
+    "checkpoint_being_saved",
+    "in_backward",
+    "resumed_checkpoint",
+    "scoring_function_from_source",
+]
