@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import transformers
+from packaging.specifiers import SpecifierSet
 
 from hf_lossfree_moe import LossFreeMoeConfig, LossFreeMoeForCausalLM, configuration_lossfree_moe
-from hf_lossfree_moe.configuration_lossfree_moe import TRANSFORMERS_REQUIREMENT
+from hf_lossfree_moe.configuration_lossfree_moe import TESTED_TRANSFORMERS, TRANSFORMERS_REQUIREMENT
 
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -185,6 +186,11 @@ def test_configuration_refuses_an_untested_transformers_naming_both_versions(ver
 @pytest.mark.parametrize("version", ["5.24.0", "5.25.0", "5.26.0.dev0"])
 def test_configuration_imports_under_a_tested_transformers(version, monkeypatch):
     import_configuration_under(version, monkeypatch)
+
+
+def test_the_transformers_release_cards_call_tested_is_the_one_the_suite_runs_with():
+    assert transformers.__version__.startswith(f"{TESTED_TRANSFORMERS}.")
+    assert SpecifierSet(TRANSFORMERS_REQUIREMENT).contains(f"{TESTED_TRANSFORMERS}.0")
 
 
 def test_package_requires_the_transformers_range_the_code_checks():

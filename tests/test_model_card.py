@@ -89,7 +89,9 @@ def test_card_text_states_the_metrics_settings_and_usage(card):
     for plot in ("maxvio_batch.png", "eval_load_heatmap.png", "bias_trajectories.png"):
         assert f"]({plot})" in text
     assert 'AutoModelForCausalLM.from_pretrained("someone/lossfree-moe-tiny", trust_remote_code=True)' in text
-    assert "It was tested with `transformers>=5.24,<6` and refuses other versions" in text
+    assert (
+        "It was tested with transformers 5.24; it requires\n`transformers>=5.24,<6` and refuses other versions" in text
+    )
     assert "`hf-lossfree-moe-train --model_name_or_path someone/lossfree-moe-tiny`" in text
     assert "- Data: the embedded corpus\n" in text
     assert "arXiv:2408.15664" in text

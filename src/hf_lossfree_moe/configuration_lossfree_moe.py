@@ -27,11 +27,13 @@ import transformers
 from packaging.specifiers import SpecifierSet
 
 
-# The transformers versions this code is tested with; pyproject.toml requires the same. The model code builds on
+# The transformers versions this code requires; pyproject.toml requires the same. The model code builds on
 # transformers internals (`create_causal_mask`, `capture_outputs`, `merge_with_config_defaults`, the experts
 # interface) that change between releases: under 5.23 a model loads, then fails at its first forward
 # (`create_causal_mask` takes no `cache` there). Saved configs and model cards state the range.
 TRANSFORMERS_REQUIREMENT = ">=5.24,<6"
+# The transformers release the test suite ran with; later ones within the range are allowed, not tested.
+TESTED_TRANSFORMERS = "5.24"
 
 
 def check_transformers_version() -> None:
@@ -489,4 +491,4 @@ def _raise_value_errors(config_class):
 _raise_value_errors(LossFreeMoeConfig)
 
 
-__all__ = ["TRANSFORMERS_REQUIREMENT", "LossFreeMoeConfig", "check_transformers_version"]
+__all__ = ["TESTED_TRANSFORMERS", "TRANSFORMERS_REQUIREMENT", "LossFreeMoeConfig", "check_transformers_version"]

@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from jinja2 import Template
 
-from .configuration_lossfree_moe import TRANSFORMERS_REQUIREMENT, LossFreeMoeConfig
+from .configuration_lossfree_moe import TESTED_TRANSFORMERS, TRANSFORMERS_REQUIREMENT, LossFreeMoeConfig
 from .run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT
 
 
@@ -184,6 +184,7 @@ def render_model_card(
         sample_prompt=json.dumps(sample_prompt, ensure_ascii=False),  # a JSON string is a valid Python literal
         data_sources=data_sources,
         transformers_requirement=TRANSFORMERS_REQUIREMENT,
+        tested_transformers=TESTED_TRANSFORMERS,
         **metrics,
     )
 
