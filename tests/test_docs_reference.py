@@ -103,7 +103,8 @@ def test_documented_signature_is_the_code_signature(name, shown):
     assert name in DOCUMENTED_CALLABLES, f"{name} is shown as a signature but is not a documented callable"
     node = ast.parse(f"def {shown}: pass").body[0].args
     positional = [*node.posonlyargs, *node.args]
-    documented = [arg.arg for arg in positional] + [arg.arg for arg in node.kwonlyargs]
+    documented = [arg.arg for arg in positional] + ([node.vararg.arg] if node.vararg else [])
+    documented += [arg.arg for arg in node.kwonlyargs]
     documented += [node.kwarg.arg] if node.kwarg else []
     with_defaults = positional[len(positional) - len(node.defaults) :]
     defaults = {arg.arg: default for arg, default in zip(with_defaults, node.defaults, strict=True)}
