@@ -1,6 +1,7 @@
 """Counting: which router calls count, padding and padding-free masks, recomputation, measurements, threads."""
 
 import copy
+import sys
 import threading
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from conftest import TOP_K, ToyModel, ToyRouter, padded_batch, record_topk
 from hf_lossfree_moe import LossFreeBalancer, compute_maxvio
+from hf_lossfree_moe.counting import QuantileCandidates
 
 
 def test_counts_are_exact_and_exclude_padding(model):
@@ -279,3 +281,41 @@ def test_a_measurement_counts_the_worker_of_its_threads_generate_batch():
         model.generate_batch(3)
     assert measurement.loads.sum().item() == 3 * 6 * 2  # 3 forwards of 6 tokens, top-2
     assert balancer.loads.sum() == 0
+
+
+def test_a_measurement_stopped_during_a_forward_leaves_the_others_counting_it(model):
+    """The hooks read the measurements in progress while another thread may stop one: as if stopped right as a router
+    reads the first, the second still counts that router's call."""
+    balancer = LossFreeBalancer(model)
+    input_ids = torch.randint(3, 128, (2, 6))
+    first, second = balancer.measure(all_threads=True).start(), balancer.measure(all_threads=True).start()
+    accepts = first.accepts
+
+    def stopped_while_read(*args):
+        first.accepts = accepts  # once: at the first router's call
+        first.stop()
+        return accepts(*args)
+
+    first.accepts = stopped_while_read
+    model(input_ids=input_ids)
+    assert second.stop().loads.sum(dim=-1).tolist() == [12 * TOP_K] * 2
+
+
+def test_quantile_candidates_added_by_many_threads_at_once_are_all_summed():
+    candidates = QuantileCandidates(1, 4)
+    threads, adds = 4, 2000
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, inside the read-modify-write too
+    try:
+        workers = [
+            threading.Thread(target=lambda: [candidates.add(0, torch.ones(4)) for _ in range(adds)])
+            for _ in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    sums, calls = candidates.stacked(torch.device("cpu"))
+    assert sums.tolist() == [[threads * adds] * 4] and calls.tolist() == [[threads * adds]]

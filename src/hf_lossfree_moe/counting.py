@@ -94,11 +94,27 @@ class QuantileCandidates:
         self.num_experts = num_experts
         self._sums: list[torch.Tensor | None] = [None] * num_routers
         self._calls = [0] * num_routers
+        # Forwards in several threads (an evaluation, a sampler) add at once; the sum is a read-modify-write.
+        self._lock = threading.Lock()
 
     def add(self, index: int, candidate: torch.Tensor):
+        if torch.compiler.is_compiling():  # a graph cannot take a lock; its list updates run after it, in order
+            self._add(index, candidate)
+            return
+        with self._lock:
+            self._add(index, candidate)
+
+    def _add(self, index: int, candidate: torch.Tensor):
         sums = self._sums[index]
         self._sums[index] = candidate if sums is None else sums.to(candidate.device) + candidate
         self._calls[index] += 1
+
+    def take(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`stacked(device)` (None without a device), then `reset()`, with no `add` in between."""
+        with self._lock:
+            stacked = None if device is None else self.stacked(device)
+            self.reset()
+        return stacked
 
     def stacked(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(routers, experts) fp64 sums and (routers, 1) fp64 numbers of calls, on `device`."""
@@ -214,8 +230,10 @@ class TokenCounter:
         self._collects_candidates = collects_candidates
         self.train_counts = ExpertCounts(devices, num_experts)
         self.candidates = QuantileCandidates(len(routers), num_experts)
-        self.measurements: list[LoadMeasurement] = []
+        # Replaced, never changed in place, under `_lock`: the hooks of other threads iterate over it unlocked.
+        self.measurements: tuple[LoadMeasurement, ...] = ()
         self.uncounted_eval_forwards = False  # since the last step(): eval-mode router calls no measurement took
+        self._lock = threading.Lock()
         self._local = threading.local()  # .masks: this thread's stack of model calls' padding masks
         self._argument_positions = {
             name: _argument_position(model, name) for name in ("attention_mask", "input_ids", "position_ids", "labels")
@@ -248,7 +266,8 @@ class TokenCounter:
             hook.remove()
         self._hooks = []
         self._generation.remove()
-        self.measurements = []
+        with self._lock:
+            self.measurements = ()
 
     def take_step(
         self, device: torch.device, with_candidates: bool
@@ -259,20 +278,28 @@ class TokenCounter:
         loads = self.train_counts.stacked(device)
         non_finite = self.train_counts.non_finite_calls(device)
         self.train_counts.reset()
-        candidates = self.candidates.stacked(device) if with_candidates else None
-        self.candidates.reset()
-        ran_in_eval_mode, self.uncounted_eval_forwards = self.uncounted_eval_forwards, False
+        candidates = self.candidates.take(device if with_candidates else None)
+        with self._lock:
+            ran_in_eval_mode, self.uncounted_eval_forwards = self.uncounted_eval_forwards, False
         return loads, non_finite, candidates, ran_in_eval_mode
 
     def start_measurement(self, measurement: LoadMeasurement):
-        if measurement in self.measurements:
-            raise ValueError("This measurement is already counting.")
-        measurement.thread = None if measurement.all_threads else threading.current_thread()
-        self.measurements.append(measurement)
+        with self._lock:
+            if measurement in self.measurements:
+                raise ValueError("This measurement is already counting.")
+            measurement.thread = None if measurement.all_threads else threading.current_thread()
+            self.measurements = (*self.measurements, measurement)
 
     def stop_measurement(self, measurement: LoadMeasurement):
-        if measurement in self.measurements:
-            self.measurements.remove(measurement)
+        with self._lock:
+            self.measurements = tuple(m for m in self.measurements if m is not measurement)
+
+    def _note_uncounted_eval_forward(self):
+        if torch.compiler.is_compiling():  # a graph cannot take a lock; the store runs after it
+            self.uncounted_eval_forwards = True
+            return
+        with self._lock:  # not lost to a `take_step` reading and clearing the flag at the same time
+            self.uncounted_eval_forwards = True
 
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict):
         if module is not self.model:
@@ -362,7 +389,8 @@ class TokenCounter:
         if not sinks and router.module.training and not self._generation.active:
             sinks = [self.train_counts]
         if not sinks:
-            self.uncounted_eval_forwards |= not router.module.training
+            if not router.module.training:
+                self._note_uncounted_eval_forward()
             return
         token_mask = self._token_mask(topk_indices.size(0), topk_indices.device)
         for counts in sinks:
