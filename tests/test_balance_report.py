@@ -11,7 +11,8 @@ from transformers import Trainer, TrainingArguments
 
 from hf_lossfree_moe import LossFreeBalancingCallback, LossFreeMoeForCausalLM
 from hf_lossfree_moe.model_card import BALANCE_SECTION_FILE
-from hf_lossfree_moe.plotting import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT, ROUTING_HISTORY_FILE, RoutingHistory
+from hf_lossfree_moe.plotting import RoutingHistory
+from hf_lossfree_moe.run_files import BIAS_PLOT, LOAD_HEATMAP_PLOT, MAXVIO_PLOT, ROUTING_HISTORY_FILE
 from hf_lossfree_moe.testing_utils import build_tiny_model
 
 
