@@ -2,8 +2,9 @@
 
 `Trainer._save_checkpoint` writes the model, optimizer, scheduler and RNG states, then `trainer_state.json`, then
 deletes old checkpoints (`save_total_limit`), then calls `on_save`. `LossFreeBalancingCallback` writes its files
-(the routing history, a script's run record) just before `trainer_state.json`, so a checkpoint whose
-`trainer_state.json` reads back is complete, and rotation only ever deletes older checkpoints once a newer one is.
+(the routing history, a script's run record) just before `trainer_state.json`, which names them (see
+`compat.checkpoint_being_saved` for the order relied on): a checkpoint whose `trainer_state.json` reads back and whose
+named files are present is complete, and rotation only ever deletes older checkpoints once a newer one is.
 
 `HF_LOSSFREE_MOE_FAULT=<stage>[@<step>]` kills the process (SIGKILL, as a lost machine would) when checkpoint writing
 reaches `<stage>` (at the checkpoint of optimizer step `<step>`, or at the first). It exists for tests; unset, the
