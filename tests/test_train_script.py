@@ -275,6 +275,12 @@ def test_checkpoint_without_a_record_needs_its_data_named(trained, tmp_path, one
     shutil.copytree(output_dir / "checkpoint-4", run / "checkpoint-4")
     (run / "checkpoint-4" / "run_record.json").unlink()
     resume = ["--resume_from_checkpoint", str(run / "checkpoint-4"), *FAST_RUN, "--max_steps", "6"]
+    with pytest.raises(SystemExit, match=r"checkpoint-4 is incomplete: it lacks run_record.json"):
+        train_script.main(resume)  # its trainer_state.json names the file
+    state_path = run / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["stateful_callbacks"]["LossFreeBalancingCallback"]["attributes"]["checkpoint_files"]
+    state_path.write_text(json.dumps(state))  # as an older version wrote it
     with pytest.raises(
         SystemExit, match=r"holds no run_record.json, so it does not record the data its run read; give"
     ):
