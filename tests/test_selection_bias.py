@@ -188,3 +188,33 @@ def test_adding_twice_keeps_the_bias_and_a_model_without_such_routers_is_refused
         add_selection_bias(build_tiny_model("deepseek_v3"))  # already biased, in another layout
     with pytest.raises(ValueError, match="has no router that add_selection_bias can give a bias"):
         add_selection_bias(build_tiny_model("granitemoe"))  # a top-K router whose forward is not one it reproduces
+
+
+def test_a_stock_checkpoint_loads_with_a_zero_bias_and_routes_as_the_stock_model(tmp_path):
+    """A folder saved without a bias (any stock checkpoint): the wrapped class starts from zero, not from memory."""
+    torch.manual_seed(0)
+    stock = build_tiny_model("qwen3_moe").eval()
+    stock.save_pretrained(tmp_path / "stock")
+    ids = input_ids(2, 16)
+    stock_picks, stock_logits = routing(stock, ids)
+    loaded = with_selection_bias(tiny_model_class("qwen3_moe")).from_pretrained(tmp_path / "stock").eval()
+    biases = biases_of(loaded)
+    assert len(biases) == stock.config.num_hidden_layers
+    assert all(bias.dtype == torch.float32 and torch.equal(bias, torch.zeros_like(bias)) for bias in biases.values())
+    picks, logits = routing(loaded, ids)
+    assert all(torch.equal(a, b) for a, b in zip(picks, stock_picks, strict=True))
+    torch.testing.assert_close(logits, stock_logits)
+
+
+def test_casting_the_model_keeps_the_bias_in_float32():
+    """`.to(bf16)` / `.half()` cast the weights; the bias keeps its fp32 digits, as the package's own router does."""
+    model = add_selection_bias(build_tiny_model("qwen3_moe"))
+    with torch.no_grad():
+        for bias in biases_of(model).values():
+            bias.copy_(torch.linspace(-0.05, 0.05, bias.numel()) + 1e-4)
+    before = {name: bias.clone() for name, bias in biases_of(model).items()}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        cast(model)
+        assert model.lm_head.weight.dtype != torch.float32
+        for name, bias in biases_of(model).items():
+            assert bias.dtype == torch.float32 and torch.equal(bias, before[name]), name

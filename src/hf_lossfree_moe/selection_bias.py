@@ -136,13 +136,30 @@ def supports_selection_bias(router_class: type) -> bool:
     )
 
 
+def _apply_keeping_bias_fp32(self, fn, recurse=True):
+    """Keep the bias fp32 through `.to(dtype)`, `.half()`, `.bfloat16()` (1e-3 steps vanish in bf16); device moves
+    still apply."""
+    bias = getattr(self, BIAS_NAME)
+    type(self)._selection_bias_base._apply(self, fn, recurse)
+    moved = getattr(self, BIAS_NAME)
+    if moved.dtype != torch.float32:
+        setattr(self, BIAS_NAME, bias.to(device=moved.device))
+    return self
+
+
 @cache
 def _biased_router_class(router_class: type) -> type:
     forward, scoring = _stock_forward_kind(router_class)
     return type(
         f"{router_class.__name__}WithSelectionBias",
         (router_class,),
-        {"forward": forward, "scoring_func": scoring, "_selection_bias_base": router_class, "__module__": __name__},
+        {
+            "forward": forward,
+            "scoring_func": scoring,
+            "_apply": _apply_keeping_bias_fp32,
+            "_selection_bias_base": router_class,
+            "__module__": __name__,
+        },
     )
 
 
@@ -195,6 +212,16 @@ def with_selection_bias(model_class: type) -> type:
         model_class.save_pretrained(self, save_directory, *args, **kwargs)
         write_remote_code(save_directory, model_class)
 
+    def from_pretrained(cls, *args, output_loading_info=False, **kwargs):
+        # A stock checkpoint has no bias, and transformers leaves a missing buffer as uninitialised memory: start
+        # such biases at zero, so the model routes as the stock one until they move.
+        model, info = model_class.from_pretrained.__func__(cls, *args, output_loading_info=True, **kwargs)
+        with torch.no_grad():
+            for name in info["missing_keys"]:
+                if name.endswith(BIAS_NAME):
+                    model.get_buffer(name).zero_()
+        return (model, info) if output_loading_info else model
+
     keep_fp32 = [*(getattr(model_class, "_keep_in_fp32_modules_strict", None) or []), BIAS_NAME]
     return type(
         f"{model_class.__name__}WithSelectionBias",
@@ -202,6 +229,7 @@ def with_selection_bias(model_class: type) -> type:
         {
             "__init__": __init__,
             "save_pretrained": save_pretrained,
+            "from_pretrained": classmethod(from_pretrained),
             "_keep_in_fp32_modules_strict": keep_fp32,
             "_selection_bias_model_base": model_class,
             "__module__": __name__,
@@ -211,7 +239,7 @@ def with_selection_bias(model_class: type) -> type:
 
 def write_remote_code(save_directory, model_class: type) -> None:
     """Write this file and a `modeling` file naming `with_selection_bias(model_class)` into a saved model folder, and
-    point `config.json`'s `auto_map` at it (for `AutoModelForCausalLM` and `AutoModel`)."""
+    point `config.json`'s `auto_map` at it (for `AutoModelForCausalLM`)."""
     folder = Path(save_directory)
     if not (folder / "config.json").is_file():
         return  # a non-main process of a distributed save wrote nothing
