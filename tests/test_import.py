@@ -1,5 +1,6 @@
 """`import hf_lossfree_moe` stays light: the heavy modules load when a name needing them is first used."""
 
+import pickle
 import subprocess
 import sys
 
@@ -35,6 +36,23 @@ def test_import_loads_no_heavy_module_and_the_first_config_registers_the_models(
     result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == ["[]", "LossFreeMoeForCausalLM"]
+
+
+UNPICKLE_CHECK = """
+import pickle, sys
+import hf_lossfree_moe
+from transformers import AutoModelForCausalLM
+config = pickle.loads(sys.stdin.buffer.read())
+print(type(AutoModelForCausalLM.from_config(config)).__name__)
+"""
+
+
+def test_a_config_unpickled_in_a_fresh_process_builds_its_model_through_the_auto_classes(tiny_config):
+    """A worker process that receives a pickled config (multiprocessing, Ray) never runs the config's __init__."""
+    payload = pickle.dumps(tiny_config())
+    result = subprocess.run([sys.executable, "-c", UNPICKLE_CHECK], input=payload, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert result.stdout.decode().splitlines() == ["LossFreeMoeForCausalLM"]
 
 
 def test_every_public_name_resolves_and_is_listed():

@@ -73,6 +73,14 @@ def _post_init_registering_models(self, **kwargs):
     _config_post_init(self, **kwargs)
 
 
+def _setstate_registering_models(self, state):
+    register_model_classes()
+    dict_state, slot_state = state if isinstance(state, tuple) else (state, None)
+    self.__dict__.update(dict_state or {})
+    for key, value in (slot_state or {}).items():
+        object.__setattr__(self, key, value)
+
+
 def __getattr__(name: str):
     if name in _DEPRECATED_NAMES:
         module = _DEPRECATED_NAMES[name]
@@ -102,6 +110,8 @@ LossFreeMoeConfig.register_for_auto_class()
 # A model is always built from a config, so the first config built is when the model classes are first needed.
 _config_post_init = LossFreeMoeConfig.__post_init__
 LossFreeMoeConfig.__post_init__ = _post_init_registering_models
+# A config can also arrive unpickled (a worker process, `copy.deepcopy`), without `__post_init__`.
+LossFreeMoeConfig.__setstate__ = _setstate_registering_models
 
 __all__ = [
     "MAXVIO_METRIC_PATH",
