@@ -31,16 +31,11 @@ def calling_handler(callback: "TrainerCallback", max_depth: int = 8) -> "Callbac
     """
     from transformers.trainer_callback import CallbackHandler  # only callbacks need it; routers import this module
 
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            frame = frame.f_back if frame is not None else None
-            candidate = frame.f_locals.get("self") if frame is not None else None
-            if isinstance(candidate, CallbackHandler) and any(cb is callback for cb in candidate.callbacks):
-                return candidate
-        return None
-    finally:
-        del frame
+    for local in _locals_of_callers(max_depth):
+        candidate = local.get("self")
+        if isinstance(candidate, CallbackHandler) and any(cb is callback for cb in candidate.callbacks):
+            return candidate
+    return None
 
 
 # Tested with transformers 5.24: `Trainer._save_checkpoint` writes the model, optimizer, scheduler and RNG states into
@@ -66,16 +61,24 @@ def resumed_checkpoint(max_depth: int = 8) -> str | None:
     """
     from transformers import Trainer
 
-    frame = inspect.currentframe()
+    for local in _locals_of_callers(max_depth):
+        if isinstance(local.get("self"), Trainer) and "resume_from_checkpoint" in local:
+            checkpoint = local["resume_from_checkpoint"]
+            return None if checkpoint is None else str(checkpoint)
+    return None
+
+
+def _locals_of_callers(max_depth: int) -> list[dict]:
+    """The local variables of the `max_depth` frames above the function that calls this one, nearest first."""
+    frame = inspect.currentframe().f_back
     try:
+        found = []
         for _ in range(max_depth):
             frame = frame.f_back if frame is not None else None
             if frame is None:
-                return None
-            if isinstance(frame.f_locals.get("self"), Trainer) and "resume_from_checkpoint" in frame.f_locals:
-                checkpoint = frame.f_locals["resume_from_checkpoint"]
-                return None if checkpoint is None else str(checkpoint)
-        return None
+                break
+            found.append(frame.f_locals)
+        return found
     finally:
         del frame
 
