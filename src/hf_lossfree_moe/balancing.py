@@ -20,8 +20,11 @@ from .bias_storage import BiasStorage
 from .bias_update import (
     BiasUpdate,
     bias_statistics,
+    histogram_thresholds,
     load_statistics,
+    mean_candidates,
     sum_over_ranks,
+    warn_beyond_histogram_range,
     warn_non_finite,
     warn_nothing_counted,
 )
@@ -134,7 +137,13 @@ class LossFreeBalancer:
             self._storage.devices(),
             self.num_experts,
             bias=self._storage.bias,
-            collects_candidates=lambda: self.rule == "quantile" and self.updates_biases,
+            quantile_solver=lambda: (
+                self.settings.bias_quantile_solver if self.rule == "quantile" and self.updates_biases else None
+            ),
+            histogram_layout=lambda: (
+                self.settings.bias_quantile_histogram_bins,
+                self.settings.bias_quantile_histogram_range,
+            ),
         )
 
     @property
@@ -238,14 +247,25 @@ class LossFreeBalancer:
             its `/layer_{i}` and `/min`, `maxvio_batch/max` and `maxvio_batch/p90`, see
             `compute_layer_spread_metrics`). Routers without a bias get no `bias_abs_*` entry.
         """
-        quantile = self.rule == "quantile"
-        loads, non_finite, candidates, ran_in_eval_mode = self._counter.take_step(self.device, quantile)
-        loads, candidates, counted, non_finite = sum_over_ranks(loads, non_finite, candidates, self._all_reduce)
+        solver = self.settings.bias_quantile_solver if self.rule == "quantile" else None
+        counts = self._counter.take_step(self.device, solver)
+        loads, quantile, non_finite = sum_over_ranks(
+            counts.loads, counts.non_finite, counts.quantile, self._all_reduce
+        )
+        counted = loads.sum(dim=-1) > 0  # (L,)
+        candidates = margins = None
+        if solver == "call_mean":
+            candidates, has_candidate = mean_candidates(quantile)
+            counted &= has_candidate
+        elif solver == "global_histogram":
+            value_range = counts.histogram_layout[1]
+            margins, has_threshold, beyond_range = histogram_thresholds(quantile, self.num_experts, value_range)
+            counted &= has_threshold
         factor = self._update.next_factor(self.updates_biases)
         stats = load_statistics(loads, self.layers, factor)
         any_counted = bool(loads.sum() > 0)
         if not any_counted:
-            warn_nothing_counted(self.attached, ran_in_eval_mode, stacklevel=2)
+            warn_nothing_counted(self.attached, counts.ran_in_eval_mode, stacklevel=2)
         updated, skipped = [], []
         if any_counted and factor > 0:
             movable = counted & ~self._frozen_routers()  # (L,)
@@ -254,6 +274,12 @@ class LossFreeBalancer:
             rows = movable.nonzero().flatten().tolist()
             if rows:
                 current = stack_rows([self._storage.bias(i) for i in rows], torch.device("cpu"), torch.float64)
+                if margins is not None:  # the bias at which each expert would have received its share
+                    candidates = torch.zeros_like(margins)
+                    candidates[movable] = current - margins[movable]
+                    if beyond_range[movable].any():
+                        beyond = [self.layers[i] for i in rows if beyond_range[i]]
+                        warn_beyond_histogram_range(self.completed_steps, beyond, value_range, stacklevel=2)
                 deltas, finite = self._update.deltas(loads[movable], current, factor, movable, candidates)  # (L', E)
                 updated = [index for index, ok in zip(rows, finite.tolist(), strict=True) if ok]
                 skipped = sorted(skipped + [index for index in rows if index not in updated])

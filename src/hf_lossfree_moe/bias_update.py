@@ -16,7 +16,7 @@ import torch
 from .balance_metrics import compute_layer_spread_metrics, compute_load_metrics, compute_maxvio
 from .bias_storage import NEUTRAL_BIAS
 from .settings import BalancingSettings
-from .update_rules import quantile_weight, rule_update
+from .update_rules import histogram_margin_quantiles, quantile_weight, rule_update
 
 
 class BiasUpdate:
@@ -95,33 +95,44 @@ class BiasUpdate:
 def sum_over_ranks(
     loads: torch.Tensor,
     non_finite: torch.Tensor,
-    candidates: tuple[torch.Tensor, torch.Tensor] | None,
+    quantile: torch.Tensor | None,
     all_reduce: Callable[[torch.Tensor], None],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The step's global (L, E) int64 loads on the CPU, Quantile Balancing's mean candidates (L, E) fp64 (None without
-    candidates), which layers (L,) counted tokens and which (L,) saw non-finite scores on some rank, from this rank's
-    loads, its (L, 1) numbers of non-finite calls and its candidate `(sums, calls)`.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The step's global (L, E) int64 loads on the CPU, Quantile Balancing's statistics summed over ranks (None
+    without them) and which (L,) layers saw non-finite scores on some rank, from this rank's loads, its (L, 1)
+    numbers of non-finite calls and its (L, columns) fp64 Quantile Balancing statistics (`StepCounts.quantile`).
 
-    One collective: loads and non-finite calls travel together, with candidates also sums and numbers of calls, in
-    fp64 (exact for counts below 2**53; a NaN candidate sum stays in its own column). Candidates are averaged over
-    router calls and ranks.
+    One collective: loads and non-finite calls travel together, with Quantile Balancing's statistics too, in fp64
+    (exact for counts below 2**53; a NaN candidate sum stays in its own column).
     """
     num_experts = loads.size(-1)
-    if candidates is None:
+    if quantile is None:
         gathered = torch.cat([loads, non_finite], dim=-1)  # (L, E + 1) int64
         all_reduce(gathered)
         gathered = gathered.cpu()
-        loads, non_finite = gathered[:, :num_experts], gathered[:, -1] > 0
-        return loads, None, loads.sum(dim=-1) > 0, non_finite
-    sums, calls = candidates
-    gathered = torch.cat([loads.double(), non_finite.double(), sums, calls], dim=-1)  # (L, 2E + 2)
+        return gathered[:, :num_experts], None, gathered[:, -1] > 0
+    gathered = torch.cat([loads.double(), non_finite.double(), quantile], dim=-1)  # (L, E + 1 + columns)
     all_reduce(gathered)
     gathered = gathered.cpu()
     loads = gathered[:, :num_experts].round().long()
-    non_finite = gathered[:, num_experts] > 0
-    sums, calls = gathered[:, num_experts + 1 : -1], gathered[:, -1:]
-    counted = (loads.sum(dim=-1) > 0) & (calls.squeeze(-1) > 0)
-    return loads, sums / calls.clamp(min=1), counted, non_finite
+    return loads, gathered[:, num_experts + 1 :], gathered[:, num_experts] > 0
+
+
+def mean_candidates(summed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`"call_mean"`: the (L, E) fp64 mean candidates over the step's router calls and ranks, and (L,) which layers
+    had a call with a candidate, from the summed `(sums, calls)` columns."""
+    sums, calls = summed[:, :-1], summed[:, -1:]
+    return sums / calls.clamp(min=1), calls.squeeze(-1) > 0
+
+
+def histogram_thresholds(
+    summed: torch.Tensor, num_experts: int, value_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`"global_histogram"`: `histogram_margin_quantiles` of the summed (L, E * (bins + 2) + 1) statistics: (L, E)
+    margins (the candidate is the bias minus them), (L,) which layers have one and which lay beyond the range."""
+    counts = summed.round().long()  # exact integers
+    histograms = counts[:, :-1].reshape(counts.size(0), num_experts, -1)  # (L, E, bins + 2)
+    return histogram_margin_quantiles(histograms, counts[:, -1], value_range)
 
 
 def load_statistics(loads: torch.Tensor, layers: list[int], factor: float) -> dict[str, float]:
@@ -154,6 +165,16 @@ def warn_non_finite(step: int, layers: list[int], stacklevel: int = 2):
     )
 
 
+def warn_beyond_histogram_range(step: int, layers: list[int], value_range: float, stacklevel: int = 2):
+    """Say which layers' global quantile lay beyond the histogram's range, so their candidate moved by the range."""
+    warnings.warn(
+        f"LossFreeBalancer.step() {step}: the quantile of some experts of layer(s) {', '.join(map(str, layers))} lay "
+        f"more than bias_quantile_histogram_range={value_range:g} from their bias, so their candidate moved by that "
+        "range only; a wider range (or more steps) reaches it.",
+        stacklevel=stacklevel + 1,
+    )
+
+
 def warn_nothing_counted(attached: bool, ran_in_eval_mode: bool, stacklevel: int = 2):
     """Say that a step counted no token, and the likely reason."""
     reason = (
@@ -173,8 +194,11 @@ def warn_nothing_counted(attached: bool, ran_in_eval_mode: bool, stacklevel: int
 __all__ = [
     "BiasUpdate",
     "bias_statistics",
+    "histogram_thresholds",
     "load_statistics",
+    "mean_candidates",
     "sum_over_ranks",
+    "warn_beyond_histogram_range",
     "warn_non_finite",
     "warn_nothing_counted",
 ]

@@ -58,6 +58,7 @@ ScoringFunc = Literal["sigmoid", "softmax"]
 LoadBalancing = Literal["loss_free", "aux_loss", "none", "expert_choice"]
 BiasUpdateRule = Literal["sign", "error", "quantile", "smebu"]
 BiasUpdateSchedule = Literal["constant", "linear_warmup", "cosine"]
+BiasQuantileSolver = Literal["call_mean", "global_histogram"]
 BiasType = Literal["additive", "multiplicative"]
 
 # The paper's alpha for the loss-controlled baseline with a sigmoid gate (3e-4 is its softmax-gate value).
@@ -126,6 +127,15 @@ class LossFreeMoeConfig(PreTrainedConfig):
         bias_quantile_anneal_steps (`int`, defaults to 0): Quantile Balancing only: with A > 0 the weight of the new
             candidate is 1 for the first A updates (the first one a warm start from the first batch's quantiles),
             then A / n at update n, never below `bias_quantile_ema`; 0 keeps the constant `bias_quantile_ema`.
+        bias_quantile_solver (`str`, defaults to `"call_mean"`): Quantile Balancing only: how the step's candidate
+            is solved. `"call_mean"`: the mean of the candidates of every router call (each from its own tokens);
+            `"global_histogram"`: the quantile of the whole optimizer step's tokens, over micro-batches and
+            data-parallel ranks, read off a histogram summed over them.
+        bias_quantile_histogram_bins (`int`, defaults to 1000): Bins per expert of `"global_histogram"`, spread
+            evenly over `bias_quantile_histogram_range` on either side of each expert's current bias.
+        bias_quantile_histogram_range (`float`, defaults to 1.0): Half-width of the histogram's bins around each
+            expert's current bias, the largest move `"global_histogram"` can ask of a bias in one update (a quantile
+            beyond it asks for this much, with a warning).
         bias_type (`str`, defaults to `"additive"`): `"additive"`: select on `s + b`, b starts at 0;
             `"multiplicative"`: select on `s * b`, b starts at 1 (the paper's ablation).
         router_aux_loss_coef (`float`, *optional*): Weight alpha of the sequence-wise balance loss
@@ -222,6 +232,11 @@ class LossFreeMoeConfig(PreTrainedConfig):
     # Quantile Balancing's annealed weight: its scores drift fast early (track them) and its per-batch quantiles are
     # noisy late (average them); docs/balancing_rules.md has the measurements.
     bias_quantile_anneal_steps: int = 0
+    # The global solver's bins: 1000 over +-1 around each bias resolve 0.002 (twice the paper's update rate), and
+    # scores in (0, 1) (sigmoid, softmax) stay within +-1 of the cutoff while the biases lie close together.
+    bias_quantile_solver: BiasQuantileSolver = "call_mean"
+    bias_quantile_histogram_bins: int = 1000
+    bias_quantile_histogram_range: float | int = 1.0
     bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
@@ -385,6 +400,11 @@ class LossFreeMoeConfig(PreTrainedConfig):
             "bias_quantile_anneal_steps",
             ANNEAL_NEEDS_QUANTILE,
         )
+        self._require(
+            solver_fits_rule(self.bias_update_rule, self.bias_quantile_solver),
+            "bias_quantile_solver",
+            SOLVER_NEEDS_QUANTILE,
+        )
 
     def _require(self, condition: bool, field: str, allowed: str):
         _require(condition, field, allowed, getattr(self, field))
@@ -427,6 +447,15 @@ BALANCING_FIELD_CHECKS = {
         lambda v: _integer(v) and v >= 0,
         "an integer >= 0 (0: a constant bias_quantile_ema)",
     ),
+    "bias_quantile_solver": (
+        lambda v: v in get_args(BiasQuantileSolver),
+        f"one of {get_args(BiasQuantileSolver)}",
+    ),
+    "bias_quantile_histogram_bins": (lambda v: _integer(v) and v >= 2, "an integer >= 2"),
+    "bias_quantile_histogram_range": (
+        lambda v: _finite(v) and v > 0,
+        "a number > 0 (the half-width of the bins around each bias)",
+    ),
     "bias_type": (lambda v: v in get_args(BiasType), f"one of {get_args(BiasType)}"),
 }
 QUANTILE_NEEDS_ADDITIVE = (
@@ -440,6 +469,14 @@ ANNEAL_NEEDS_QUANTILE = "0 unless bias_update_rule='quantile' (it anneals Quanti
 def anneal_fits_rule(rule, anneal_steps) -> bool:
     """Only Quantile Balancing has a weight to anneal: a schedule for another rule would silently do nothing."""
     return rule == "quantile" or anneal_steps == 0
+
+
+SOLVER_NEEDS_QUANTILE = "'call_mean' unless bias_update_rule='quantile' (it solves Quantile Balancing's candidate)"
+
+
+def solver_fits_rule(rule, solver) -> bool:
+    """Only Quantile Balancing has a candidate to solve: another solver for another rule would silently do nothing."""
+    return rule == "quantile" or solver == "call_mean"
 
 
 def quantile_fits_bias_type(rule, bias_type) -> bool:

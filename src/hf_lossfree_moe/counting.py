@@ -13,11 +13,12 @@ training forwards of the trainer's thread. A training call whose router scores h
 per router, so that `step()` leaves that layer's bias alone instead of updating it from garbage routing.
 """
 
+import contextlib
 import inspect
 import threading
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from .balance_metrics import MaxVio, compute_maxvio
 from .compat import in_backward
 from .generation import GenerationTracker
 from .routers import FoundRouter, read_scores
-from .update_rules import quantile_candidate
+from .update_rules import quantile_candidate, quantile_histogram
 
 
 if TYPE_CHECKING:
@@ -130,6 +131,56 @@ class QuantileCandidates:
         self._calls = [0] * len(self._calls)
 
 
+class QuantileHistograms:
+    """Quantile Balancing's global-batch statistics, per router: the (E, bins + 2) int32 histogram of the margins of
+    every training call of the step (`quantile_histogram`) and the number K of experts per token.
+
+    A step's bins are those of the settings when its first call arrives, so every call of the step adds to the same
+    bins and a changed setting takes effect at the next step. The histograms are allocated at a router's first call
+    (none while Quantile Balancing is off). int32 counts are exact up to 2**31 tokens per rank and step.
+
+    Args:
+        num_routers, num_experts: The shape of what is counted.
+        layout: The current `(bins, value_range)` of the settings.
+    """
+
+    def __init__(self, num_routers: int, num_experts: int, layout: Callable[[], tuple[int, float]]):
+        self.num_experts = num_experts
+        self._current_layout = layout
+        self.layout: tuple[int, float] | None = None  # this step's (bins, value_range), from its first call
+        self._histograms: list[torch.Tensor | None] = [None] * num_routers
+        self._top_k = [0] * num_routers
+        # Forwards in several threads add at once; the bins of a step must not change under a call binning into them.
+        self._lock = threading.Lock()
+
+    def add(self, index: int, scores: torch.Tensor, bias: torch.Tensor, top_k: int, token_mask: torch.Tensor | None):
+        # a graph cannot take a lock; its list updates run after it, in order
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock:
+            if self.layout is None:
+                self.layout = self._current_layout()
+            histogram = quantile_histogram(scores, bias, top_k, *self.layout, token_mask)
+            existing = self._histograms[index]
+            self._histograms[index] = histogram if existing is None else existing.to(histogram.device) + histogram
+            self._top_k[index] = top_k
+
+    def take(self, device: torch.device) -> tuple[torch.Tensor, tuple[int, float]]:
+        """This step's (routers, E * (bins + 2) + 1) fp64 statistics on `device`, each row the flattened histogram
+        and the number of expert choices (tokens x K) behind it, with the step's `(bins, value_range)`; then
+        counting restarts."""
+        with self._lock:
+            layout = self.layout or self._current_layout()
+            cells = self.num_experts * (layout[0] + 2)
+            rows = [
+                torch.zeros(cells + 1, dtype=torch.float64, device=device)
+                if histogram is None
+                else torch.cat([histogram.reshape(-1), top_k * histogram[0].sum(dim=-1, keepdim=True)]).double()
+                for histogram, top_k in zip(self._histograms, self._top_k, strict=True)
+            ]
+            self._histograms = [None] * len(self._histograms)
+            self.layout = None
+        return stack_rows(rows, device, torch.float64), layout
+
+
 class LoadMeasurement:
     """Expert loads of forwards counted apart from the training loads, e.g. over a validation set.
 
@@ -201,6 +252,25 @@ class LoadMeasurement:
         return self.maxvio.mean
 
 
+class StepCounts(NamedTuple):
+    """What one rank counted for a step.
+
+    Attributes:
+        loads: (routers, experts) int64 token counts.
+        non_finite: (routers, 1) int64 numbers of calls whose scores were not all finite.
+        quantile: Quantile Balancing's (routers, columns) fp64 statistics, to be summed over ranks, or None: for
+            `"call_mean"` the candidate sums and the number of calls, for `"global_histogram"` the histograms.
+        histogram_layout: The `(bins, value_range)` of the histograms.
+        ran_in_eval_mode: Whether eval-mode forwards went uncounted.
+    """
+
+    loads: torch.Tensor
+    non_finite: torch.Tensor
+    quantile: torch.Tensor | None
+    histogram_layout: tuple[int, float]
+    ran_in_eval_mode: bool
+
+
 class TokenCounter:
     """The hooks of one balancer and what they count into: the training counts of the next step, Quantile
     Balancing's candidates, and the measurements in progress.
@@ -210,9 +280,11 @@ class TokenCounter:
         routers: The routers to count, in layer order.
         devices: Each router's bias device, where its counts live.
         num_experts: Experts per router.
-        bias: The current bias of router `index`, read for Quantile Balancing's candidates.
-        collects_candidates: Whether training forwards also compute Quantile Balancing candidates (asked per call,
-            so settings changed after construction take effect).
+        bias: The current bias of router `index`, read for Quantile Balancing's statistics.
+        quantile_solver: The Quantile Balancing solver whose statistics training forwards collect (`"call_mean"`:
+            candidates, `"global_histogram"`: histograms), None for none (asked per call, so settings changed after
+            construction take effect).
+        histogram_layout: The current `(bins, value_range)` of the global histograms.
     """
 
     def __init__(
@@ -222,14 +294,16 @@ class TokenCounter:
         devices: list[torch.device],
         num_experts: int,
         bias: Callable[[int], torch.Tensor],
-        collects_candidates: Callable[[], bool],
+        quantile_solver: Callable[[], str | None],
+        histogram_layout: Callable[[], tuple[int, float]],
     ):
         self.model = model
         self._routers = routers
         self._bias = bias
-        self._collects_candidates = collects_candidates
+        self._quantile_solver = quantile_solver
         self.train_counts = ExpertCounts(devices, num_experts)
         self.candidates = QuantileCandidates(len(routers), num_experts)
+        self.histograms = QuantileHistograms(len(routers), num_experts, histogram_layout)
         # Replaced, never changed in place, under `_lock`: the hooks of other threads iterate over it unlocked.
         self.measurements: tuple[LoadMeasurement, ...] = ()
         self.uncounted_eval_forwards = False  # since the last step(): eval-mode router calls no measurement took
@@ -269,19 +343,20 @@ class TokenCounter:
         with self._lock:
             self.measurements = ()
 
-    def take_step(
-        self, device: torch.device, with_candidates: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, bool]:
-        """This rank's (routers, experts) counts since the last step, its (routers, 1) numbers of calls with
-        non-finite scores, the `(sums, calls)` of Quantile Balancing's candidates when asked for, and whether
-        eval-mode forwards went uncounted; counting then restarts."""
+    def take_step(self, device: torch.device, solver: str | None) -> "StepCounts":
+        """What this rank counted since the last step, with the statistics of Quantile Balancing's `solver` (None:
+        none); counting then restarts."""
         loads = self.train_counts.stacked(device)
         non_finite = self.train_counts.non_finite_calls(device)
         self.train_counts.reset()
-        candidates = self.candidates.take(device if with_candidates else None)
+        candidates = self.candidates.take(device if solver == "call_mean" else None)
+        histograms, layout = self.histograms.take(device)
+        quantile = torch.cat(candidates, dim=-1) if candidates is not None else None
+        if solver == "global_histogram":
+            quantile = histograms
         with self._lock:
             ran_in_eval_mode, self.uncounted_eval_forwards = self.uncounted_eval_forwards, False
-        return loads, non_finite, candidates, ran_in_eval_mode
+        return StepCounts(loads, non_finite, quantile, layout, ran_in_eval_mode)
 
     def start_measurement(self, measurement: LoadMeasurement):
         with self._lock:
@@ -400,11 +475,16 @@ class TokenCounter:
         scores = _routing_scores(router, output)
         if scores is not None:
             self.train_counts.add_non_finite(index, scores)
-        if self._collects_candidates():
-            bias = self._bias(index).reshape(-1)
-            candidate = quantile_candidate(read_scores(router, output), bias, topk_indices.size(-1), token_mask)
-            if candidate is not None:
-                self.candidates.add(index, candidate)
+        solver = self._quantile_solver()
+        if solver is None:
+            return
+        bias = self._bias(index).reshape(-1)
+        if solver == "global_histogram":
+            self.histograms.add(index, read_scores(router, output), bias, topk_indices.size(-1), token_mask)
+            return
+        candidate = quantile_candidate(read_scores(router, output), bias, topk_indices.size(-1), token_mask)
+        if candidate is not None:
+            self.candidates.add(index, candidate)
 
 
 def _routing_scores(router: FoundRouter, output: Any) -> torch.Tensor | None:
@@ -423,4 +503,12 @@ def _argument_position(model: nn.Module, name: str) -> int | None:
     return positional.index(name) if name in positional else None
 
 
-__all__ = ["ExpertCounts", "LoadMeasurement", "QuantileCandidates", "TokenCounter", "stack_rows"]
+__all__ = [
+    "ExpertCounts",
+    "LoadMeasurement",
+    "QuantileCandidates",
+    "QuantileHistograms",
+    "StepCounts",
+    "TokenCounter",
+    "stack_rows",
+]

@@ -21,10 +21,12 @@ from .configuration_lossfree_moe import (
     ANNEAL_NEEDS_QUANTILE,
     BALANCING_FIELD_CHECKS,
     QUANTILE_NEEDS_ADDITIVE,
+    SOLVER_NEEDS_QUANTILE,
     LossFreeMoeConfig,
     anneal_fits_rule,
     check_balancing_field,
     quantile_fits_bias_type,
+    solver_fits_rule,
 )
 from .update_rules import UpdateSchedule, check_total_steps
 
@@ -68,7 +70,8 @@ class BalancingSettings:
 
     Attributes:
         bias_update_rate, bias_update_rule, bias_type, bias_update_schedule, bias_update_warmup_steps,
-            bias_update_stop_fraction, bias_quantile_ema, bias_update_momentum, bias_quantile_anneal_steps: As in
+            bias_update_stop_fraction, bias_quantile_ema, bias_update_momentum, bias_quantile_anneal_steps,
+            bias_quantile_solver, bias_quantile_histogram_bins, bias_quantile_histogram_range: As in
             `LossFreeMoeConfig`.
         center (`bool`, defaults to `False`): Subtract each layer's mean update, so the biases of a layer keep their
             mean (for `"sign"` the mean update is not 0 when fewer experts are over than under the mean load).
@@ -87,6 +90,9 @@ class BalancingSettings:
     bias_quantile_ema: float | None = None
     bias_update_momentum: float | None = None
     bias_quantile_anneal_steps: int | None = None
+    bias_quantile_solver: str | None = None
+    bias_quantile_histogram_bins: int | None = None
+    bias_quantile_histogram_range: float | None = None
     center: bool = False
     frozen: bool | None = None
     total_steps: int | None = None
@@ -110,6 +116,11 @@ class BalancingSettings:
             anneal = value if name == "bias_quantile_anneal_steps" else self.__dict__.get("bias_quantile_anneal_steps")
             if rule is not None and anneal is not None and not anneal_fits_rule(rule, anneal):
                 raise ValueError(f"bias_quantile_anneal_steps must be {ANNEAL_NEEDS_QUANTILE}, got {anneal!r}.")
+        if name in ("bias_update_rule", "bias_quantile_solver"):
+            rule = value if name == "bias_update_rule" else self.__dict__.get("bias_update_rule")
+            solver = value if name == "bias_quantile_solver" else self.__dict__.get("bias_quantile_solver")
+            if rule is not None and solver is not None and not solver_fits_rule(rule, solver):
+                raise ValueError(f"bias_quantile_solver must be {SOLVER_NEEDS_QUANTILE}, got {solver!r}.")
         measured_only = self.__dict__.get("_measured_only")
         if measured_only and ((name == "frozen" and value is not True) or (name == "bias_update_rate" and value > 0)):
             raise ValueError(_measured_only_message(measured_only))

@@ -15,6 +15,9 @@ the router's scores there and then, so that no score matrix outlives its forward
   (ceil(T K / E) + 1)-th largest of `s[:, e] - alpha` over the T tokens, the threshold at which the expert would have
   received exactly its share. The candidate bias `-beta` is averaged over the router calls of the step (and the
   ranks), re-centred to mean 0 and blended in: `b += w * (candidate - b)`, with w the EMA weight (1: replace).
+  With the `"global_histogram"` solver the candidate is instead the same quantile over every token of the optimizer
+  step: each call adds its margins `s + b - alpha` to a per-expert histogram (`quantile_histogram`), the histograms
+  are summed over the step's calls and ranks, and the threshold is read off the sum (`histogram_margin_quantiles`).
 
 With `anneal_steps` A > 0 Quantile Balancing's weight anneals: 1 for the first A updates (so the first is a warm start,
 the bias set from the first batch's quantiles), then `A / n` at update n, which averages the candidates over a window
@@ -138,6 +141,86 @@ def quantile_candidate(
     return -beta
 
 
+@torch.no_grad()
+def quantile_histogram(
+    scores: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    bins: int,
+    value_range: float,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(E, bins + 2) int32 histogram of one router call's margins `s + b - alpha`, per expert, for the global solver.
+
+    A token's margin for expert e is how far its biased score lies above its cutoff `alpha_t` (its (K+1)-th largest
+    biased score): positive for the K experts it chose. Measured from the bias, the bins follow each expert's
+    threshold, so `bins` equal bins over [-value_range, value_range) resolve the quantile wherever the bias is. Bin 0
+    counts the margins below that range and bin `bins + 1` those at or above it; a NaN (a layer whose step is
+    skipped) lands in bin 0. Every real token adds one count per expert; padding rows are left out.
+
+    Args:
+        scores: (T, E) routing scores s, the unbiased ones the router selects on with `s + bias`.
+        bias: (E,) the router's current additive bias.
+        top_k: K, experts per token.
+        bins: Equal bins between -value_range and value_range.
+        value_range: Half-width of the binned margins.
+        token_mask: (T,) nonzero for real tokens.
+    """
+    scores = scores.float()
+    if token_mask is not None:
+        scores = scores[token_mask.to(scores.device) != 0]
+    num_experts = scores.size(-1)
+    biased = scores + bias.to(device=scores.device, dtype=torch.float32)  # (T, E)
+    cutoff = biased.topk(top_k + 1, dim=-1, sorted=True).values[:, -1:]  # (T, 1): alpha_t
+    position = biased.sub_(cutoff).add_(value_range).mul_(bins / (2 * value_range))  # (T, E), in bin widths
+    position = position.floor_().add_(1).clamp_(0, bins + 1).nan_to_num_(0).long()
+    position += torch.arange(num_experts, device=position.device) * (bins + 2)  # one run of bins per expert
+    counts = torch.bincount(position.reshape(-1), minlength=num_experts * (bins + 2))
+    return counts.view(num_experts, bins + 2).int()
+
+
+@torch.no_grad()
+def histogram_margin_quantiles(
+    histograms: torch.Tensor, choices: torch.Tensor, value_range: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each expert's threshold margin over the whole step, read off its summed histogram.
+
+    Args:
+        histograms: (L, E, bins + 2) int64 margin counts of the step, summed over its router calls and the ranks
+            (`quantile_histogram`'s layout).
+        choices: (L,) int64 expert choices behind them, tokens x K.
+        value_range: The half-width the histograms were binned with.
+
+    Returns:
+        (L, E) fp64 margins d, (L,) whether each layer has a threshold, and (L,) whether some threshold lay beyond
+        the binned range. With T tokens and a share of `ceil(T K / E)` per expert, the (share + 1)-th largest margin
+        of expert e lies in the bin where the counts above it reach share + 1; d is interpolated inside that bin, as
+        if its counts were spread evenly over it, at the point with exactly `share` counts above (as Megatron-LM's
+        global-batch Quantile Balancing reads its histogram), so d is within one bin width of the exact margin. The
+        candidate bias is `b - d`, the bias at which the expert would have received its share of the step's tokens.
+        A threshold in bin 0 or `bins + 1` is known only to lie beyond the range: d is set to its edge. A layer has
+        no threshold when the share is T or more (every expert could take every token) or it counted no token.
+    """
+    bins = histograms.size(-1) - 2
+    width = 2 * value_range / bins
+    tokens = histograms[:, 0].sum(dim=-1)  # (L,): every token counts once per expert
+    num_experts = histograms.size(1)
+    share = ((choices + num_experts - 1) // num_experts).unsqueeze(-1).unsqueeze(-1)  # (L, 1, 1), exact
+    above = histograms.flip(-1).cumsum(dim=-1).flip(-1) - histograms  # (L, E, bins + 2): counts in higher bins
+    holds = (above <= share) & (share < above + histograms)  # the bin of the (share + 1)-th largest margin
+    index = holds.long().argmax(dim=-1, keepdim=True)  # (L, E, 1)
+    counts_above = above.gather(-1, index).double()
+    in_bin = histograms.gather(-1, index).clamp(min=1).double()
+    upper_edge = -value_range + index.double() * width  # bin j >= 1 covers [-range + (j - 1) w, -range + j w)
+    margins = (upper_edge - width * (share.double() - counts_above) / in_bin).squeeze(-1)  # (L, E)
+    index = index.squeeze(-1)
+    below, beyond = index == 0, index == bins + 1
+    margins = torch.where(below, -value_range, torch.where(beyond, value_range, margins))
+    has_threshold = (tokens > 0) & (share.flatten() < tokens)
+    out_of_range = (below | beyond).any(dim=-1) & has_threshold
+    return margins, has_threshold, out_of_range
+
+
 def rule_update(
     rule: str,
     loads: torch.Tensor,
@@ -178,7 +261,9 @@ __all__ = [
     "UPDATE_RULES",
     "UpdateSchedule",
     "check_total_steps",
+    "histogram_margin_quantiles",
     "quantile_candidate",
+    "quantile_histogram",
     "quantile_weight",
     "rule_update",
 ]
