@@ -1,6 +1,8 @@
 """The step: rules applied in place from the step's global loads, schedules, momentum, and what a step reports."""
 
+import copy
 import inspect
+import json
 import warnings
 from pathlib import Path
 
@@ -10,7 +12,13 @@ import torch
 from conftest import ToyModel, ToyRouter, padded_batch, run_on_two_ranks, tiny_model
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM, compute_maxvio
 from hf_lossfree_moe.balance_metrics import compute_load_metrics
-from hf_lossfree_moe.update_rules import UPDATE_RULES, quantile_candidate, rule_update
+from hf_lossfree_moe.update_rules import (
+    UPDATE_RULES,
+    histogram_margin_quantiles,
+    quantile_candidate,
+    quantile_histogram,
+    rule_update,
+)
 
 
 def test_step_applies_the_sign_rule_in_place(model):
@@ -212,6 +220,121 @@ def test_quantile_candidates_average_over_ranks_and_biases_stay_identical(tmp_pa
         previous = expected
 
 
+GLOBAL_QUANTILE = {"rule": "quantile", "bias_quantile_solver": "global_histogram"}
+
+
+def toy_step(balancer, micro_batches: list[torch.Tensor]) -> dict:
+    """Route each (T, E) micro-batch of logits through every toy router, then step."""
+    for scores in micro_batches:
+        for router in balancer.model.layers:
+            router.scores = scores
+        balancer.model()
+    return balancer.step()
+
+
+def test_global_quantile_over_micro_batches_steps_like_one_call_over_their_concatenation():
+    generator = torch.Generator().manual_seed(7)
+    micro_batches = [torch.randn(6, 8, generator=generator) for _ in range(4)]
+    for scores in micro_batches:
+        scores[:, 0] += 1.5  # a popular expert
+    whole = torch.cat(micro_batches)  # 24 tokens: share ceil(24 * 2 / 8) = 6
+    split, joined, averaged = (
+        LossFreeBalancer(two_toy_layers(torch.zeros(1, 8)), **settings)
+        for settings in (GLOBAL_QUANTILE, GLOBAL_QUANTILE, {"rule": "quantile"})
+    )
+    toy_step(split, micro_batches)
+    toy_step(joined, [whole])
+    toy_step(averaged, micro_batches)
+    assert torch.equal(split.biases(), joined.biases())  # the same histogram, to the count
+    exact = quantile_candidate(whole.sigmoid(), torch.zeros(8), 2)  # the quantile of all 24 tokens at once
+    exact = exact - exact.mean()
+    width = 2.0 / 1000
+    assert (split.biases()[0] - exact).abs().max() <= 2 * width  # one bin, and the re-centring's share of it
+    # the mean of four 6-token quantiles is not the quantile of the 24 tokens
+    assert (averaged.biases()[0] - exact).abs().max() > 10 * width
+
+
+def test_global_quantile_step_adds_its_histograms_to_the_one_collective(monkeypatch):
+    """Two balancers stand for two ranks: the collective is replaced by adding the other rank's payload."""
+    generator = torch.Generator().manual_seed(8)
+    halves = [torch.randn(5, 8, generator=generator), torch.randn(7, 8, generator=generator)]
+    ranks = [LossFreeBalancer(two_toy_layers(torch.zeros(1, 8)), **GLOBAL_QUANTILE, bias_quantile_histogram_bins=50)]
+    ranks.append(
+        LossFreeBalancer(two_toy_layers(torch.zeros(1, 8)), **GLOBAL_QUANTILE, bias_quantile_histogram_bins=50)
+    )
+    one_process = LossFreeBalancer(
+        two_toy_layers(torch.zeros(1, 8)), **GLOBAL_QUANTILE, bias_quantile_histogram_bins=50
+    )
+    for rank, half in zip(ranks, halves, strict=True):
+        for router in rank.model.layers:
+            router.scores = half
+        rank.model()
+    other = ranks[1]._counter
+    payload = torch.cat([other.train_counts.stacked(ranks[1].device).double(), torch.zeros(2, 1)], dim=-1)
+    payload = torch.cat([payload, other.histograms.take(ranks[1].device)[0]], dim=-1)
+    reduced = []
+
+    def all_reduce(tensor):
+        reduced.append(tensor.clone())
+        tensor += payload
+
+    monkeypatch.setattr(ranks[0], "_all_reduce", all_reduce)
+    ranks[0].step()
+    toy_step(one_process, [torch.cat(halves)])
+    [gathered] = reduced
+    assert gathered.dtype == torch.float64 and gathered.shape == (2, 8 + 1 + 8 * 52 + 1)
+    assert torch.equal(ranks[0].biases(), one_process.biases())
+    histogram = quantile_histogram(torch.cat(halves).sigmoid(), torch.zeros(8), 2, bins=50, value_range=1.0)
+    margins, _, _ = histogram_margin_quantiles(histogram[None].long(), torch.tensor([12 * 2]), 1.0)
+    expected = -margins[0] + margins[0].mean()  # candidate 0 - d, re-centred, weight 1
+    torch.testing.assert_close(ranks[0].biases()[0], expected.float())
+
+
+def test_global_quantile_on_two_ranks_updates_exactly_like_one_process(tmp_path):
+    from global_quantile_ranks_scenario import SETTINGS, TOKENS, run, toy_model
+
+    ranks = run_on_two_ranks(Path(__file__).parent / "global_quantile_ranks_scenario.py", tmp_path, timeout=300)
+    one_process = run(LossFreeBalancer(toy_model(), **SETTINGS), slice(0, TOKENS))
+    assert ranks[0]["biases"] == ranks[1]["biases"] == one_process
+    assert one_process[1] != one_process[2]  # the biases kept moving
+
+
+def test_global_quantile_resumes_from_the_balancer_state_and_the_biases():
+    """Annealed (A = 2, floor 0.25): a balancer rebuilt at step 3 from the checkpointed state and biases takes the
+    same steps 4 and 5 as the one that ran on."""
+    generator = torch.Generator().manual_seed(9)
+    steps = [[torch.randn(6, 8, generator=generator) for _ in range(2)] for _ in range(5)]
+    settings = {**GLOBAL_QUANTILE, "bias_quantile_anneal_steps": 2, "bias_quantile_ema": 0.25}
+    running = LossFreeBalancer(two_toy_layers(torch.zeros(1, 8)), **settings)
+    for micro_batches in steps[:3]:
+        toy_step(running, micro_batches)
+    checkpoint = (copy.deepcopy(running.state_dict()), copy.deepcopy(running.model.state_dict()))
+    resumed_model = two_toy_layers(torch.zeros(1, 8))
+    resumed_model.load_state_dict(checkpoint[1])
+    resumed = LossFreeBalancer(resumed_model, **settings)
+    resumed.load_state_dict(json.loads(json.dumps(checkpoint[0])))  # as a Trainer checkpoint stores it
+    for micro_batches in steps[3:]:
+        toy_step(running, micro_batches)
+        toy_step(resumed, micro_batches)
+        assert torch.equal(resumed.biases(), running.biases())
+    assert resumed.state_dict() == running.state_dict()
+
+
+def test_a_global_quantile_beyond_the_histogram_range_moves_by_the_range_and_says_so():
+    scores = torch.randn(40, 8, generator=torch.Generator().manual_seed(10))
+    scores[:, 0] += 3.0  # expert 0's threshold is far above its bias of 0
+    balancer = LossFreeBalancer(two_toy_layers(scores), **GLOBAL_QUANTILE, bias_quantile_histogram_range=0.01)
+    balancer.model()
+    messages = step_recording_warnings(balancer)
+    assert messages == [
+        "LossFreeBalancer.step() 1: the quantile of some experts of layer(s) 0, 1 lay more than "
+        "bias_quantile_histogram_range=0.01 from their bias, so their candidate moved by that range only; a wider "
+        "range (or more steps) reaches it."
+    ]
+    biases = balancer.biases()
+    assert biases[0, 0] < 0 and (biases.max(dim=-1).values - biases.min(dim=-1).values).max() <= 0.02 + 1e-7
+
+
 def test_balancer_smebu_keeps_momentum_between_steps():
     model = tiny_model(bias_update_rule="smebu", bias_update_rate=1e-2, bias_update_momentum=0.5)
     balancer = LossFreeBalancer(model)
@@ -294,14 +417,16 @@ def step_recording_warnings(balancer) -> list[str]:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("rule", UPDATE_RULES)
-def test_a_non_finite_score_skips_that_layers_update_with_one_warning(rule, bad):
+@pytest.mark.parametrize(
+    "settings", [{"rule": rule} for rule in UPDATE_RULES] + [GLOBAL_QUANTILE], ids=[*UPDATE_RULES, "global_quantile"]
+)
+def test_a_non_finite_score_skips_that_layers_update_with_one_warning(settings, bad):
     """One bad token in layer 1 at step 3: layer 1 keeps its bias (and momentum) for that step, with one warning
     naming it and the step; layer 0 updates as in a clean run; from the next clean step on, layer 1 moves again."""
     scores = torch.rand(12, 8)
     model, clean = two_toy_layers(scores), two_toy_layers(scores)
-    balancer = LossFreeBalancer(model, update_rate=0.01, rule=rule)
-    reference = LossFreeBalancer(clean, update_rate=0.01, rule=rule)
+    balancer = LossFreeBalancer(model, update_rate=0.01, **settings)
+    reference = LossFreeBalancer(clean, update_rate=0.01, **settings)
     for _ in range(2):
         model(), clean()
         balancer.step(), reference.step()
@@ -326,9 +451,10 @@ def test_a_non_finite_score_skips_that_layers_update_with_one_warning(rule, bad)
     assert torch.isfinite(torch.tensor(balancer.state_dict()["momentum"], dtype=torch.float64)).all()
 
 
-def test_a_nan_token_leaves_quantile_biases_finite_and_routing_balanced():
+@pytest.mark.parametrize("solver", ["call_mean", "global_histogram"])
+def test_a_nan_token_leaves_quantile_biases_finite_and_routing_balanced(solver):
     """One NaN embedding in one batch: every MoE layer skips that step, and clean steps go on balancing."""
-    model = tiny_model(bias_update_rule="quantile")
+    model = tiny_model(bias_update_rule="quantile", bias_quantile_solver=solver)
     balancer = LossFreeBalancer(model)
     generator = torch.Generator().manual_seed(3)
     batches = [torch.randint(3, 128, (4, 16), generator=generator) for _ in range(6)]

@@ -155,6 +155,15 @@ def test_head_dim_is_settable_like_deepseek_v3(tiny_config):
         ({"bias_update_momentum": 1.0}, "bias_update_momentum", "[0, 1)"),
         ({"bias_update_rule": "quantile", "bias_quantile_anneal_steps": -1}, "bias_quantile_anneal_steps", ">= 0"),
         ({"bias_quantile_anneal_steps": 10}, "bias_quantile_anneal_steps", "unless bias_update_rule='quantile'"),
+        (
+            {"bias_update_rule": "quantile", "bias_quantile_solver": "global"},
+            "bias_quantile_solver",
+            "one of ('call_mean', 'global_histogram')",
+        ),
+        ({"bias_quantile_solver": "global_histogram"}, "bias_quantile_solver", "unless bias_update_rule='quantile'"),
+        ({"bias_quantile_histogram_bins": 1}, "bias_quantile_histogram_bins", "an integer >= 2"),
+        ({"bias_quantile_histogram_range": 0.0}, "bias_quantile_histogram_range", "a number > 0"),
+        ({"bias_quantile_histogram_range": float("inf")}, "bias_quantile_histogram_range", "a number > 0"),
     ],
 )
 def test_config_rejects_bad_rule_settings_naming_the_field(overrides, field, allowed):

@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from conftest import TOP_K, ToyModel, ToyRouter, padded_batch, record_topk
+from conftest import TOP_K, ToyModel, ToyRouter, padded_batch, record_topk, tiny_model
 from hf_lossfree_moe import LossFreeBalancer, compute_maxvio
-from hf_lossfree_moe.counting import QuantileCandidates
+from hf_lossfree_moe.counting import QuantileCandidates, QuantileHistograms
 
 
 def test_counts_are_exact_and_exclude_padding(model):
@@ -319,3 +319,79 @@ def test_quantile_candidates_added_by_many_threads_at_once_are_all_summed():
         sys.setswitchinterval(switch_interval)
     sums, calls = candidates.stacked(torch.device("cpu"))
     assert sums.tolist() == [[threads * adds] * 4] and calls.tolist() == [[threads * adds]]
+
+
+def binned_tokens(balancer) -> list[int]:
+    """The tokens in each router's global-quantile histogram (every token counts once per expert; expert 0's row)."""
+    stacked = balancer._counter.histograms.stacked(balancer.device)  # (routers, E * (bins + 2) + 1)
+    return stacked[:, : (stacked.size(-1) - 1) // balancer.num_experts].sum(dim=-1).long().tolist()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_global_quantile_histograms_bin_only_real_training_tokens(reentrant):
+    model = tiny_model(bias_update_rule="quantile", bias_quantile_solver="global_histogram")
+    balancer = LossFreeBalancer(model)
+    input_ids, attention_mask = padded_batch([10, 6, 3])
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+    assert binned_tokens(balancer) == [19, 19]  # padding left out
+    stacked = balancer._counter.histograms.stacked(balancer.device)
+    assert stacked[:, -1].tolist() == [19 * TOP_K] * 2  # the expert choices behind them
+
+    model.eval()
+    model(input_ids=input_ids, attention_mask=attention_mask)
+    model.train()
+    with balancer.measure():
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+    assert binned_tokens(balancer) == [38, 38]  # evaluation, measurement and recomputation left out
+
+    balancer.step()
+    assert binned_tokens(balancer) == [0, 0]  # the next step starts afresh
+
+
+def test_a_steps_histograms_keep_the_bins_of_its_first_call():
+    model = tiny_model(bias_update_rule="quantile", bias_quantile_solver="global_histogram")
+    balancer = LossFreeBalancer(model, bias_quantile_histogram_bins=10)
+    model(torch.randint(3, 128, (2, 6)))
+    balancer.settings.bias_quantile_histogram_bins = 20  # takes effect at the next step
+    model(torch.randint(3, 128, (2, 6)))
+    assert balancer._counter.histograms.stacked(balancer.device).shape == (2, 8 * 12 + 1)
+    assert binned_tokens(balancer) == [24, 24]
+    balancer.step()
+    model(torch.randint(3, 128, (2, 6)))
+    assert balancer._counter.histograms.stacked(balancer.device).shape == (2, 8 * 22 + 1)
+
+
+def test_quantile_histograms_added_by_many_threads_at_once_are_all_summed():
+    histograms = QuantileHistograms(1, 4, lambda: (2, 1.0))
+    scores = torch.tensor([[0.9, 0.1, 0.2, 0.3]])  # margins [0.6, -0.2, -0.1, 0.0]: bins 2, 1, 1, 2 of 4
+    threads, adds = 4, 500
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, inside the read-modify-write too
+    try:
+        workers = [
+            threading.Thread(target=lambda: [histograms.add(0, scores, torch.zeros(4), 1, None) for _ in range(adds)])
+            for _ in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    calls = threads * adds
+    stacked, layout = histograms.take(torch.device("cpu"))
+    assert layout == (2, 1.0)
+    assert stacked.tolist() == [[0, 0, calls, 0, 0, calls, 0, 0, 0, calls, 0, 0, 0, 0, calls, 0, calls]]
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_quantile_candidates_survive_activation_checkpointing_and_count_each_call_once(reentrant):
+    model = tiny_model(bias_update_rule="quantile")
+    balancer = LossFreeBalancer(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    input_ids, attention_mask = padded_batch([10, 6, 3])
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss.backward()
+    _, calls = balancer._counter.candidates.stacked(balancer.device)
+    assert calls.flatten().tolist() == [1.0, 1.0]

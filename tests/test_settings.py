@@ -55,6 +55,10 @@ def test_baselines_are_only_measured(tiny_config, load_balancing):
         ({"momentum": -0.1}, "bias_update_momentum"),
         ({"bias_quantile_anneal_steps": 2.5}, "bias_quantile_anneal_steps"),
         ({"bias_update_rule": "sign", "bias_quantile_anneal_steps": 5}, "bias_quantile_anneal_steps"),
+        ({"rule": "quantile", "bias_quantile_solver": "median"}, "bias_quantile_solver"),
+        ({"bias_update_rule": "sign", "bias_quantile_solver": "global_histogram"}, "bias_quantile_solver"),
+        ({"bias_quantile_histogram_bins": 2.5}, "bias_quantile_histogram_bins"),
+        ({"bias_quantile_histogram_range": -1.0}, "bias_quantile_histogram_range"),
         ({"total_steps": True}, "total_steps"),
     ],
 )
@@ -139,6 +143,9 @@ def test_unset_settings_come_from_the_model_config_then_from_the_config_class(ti
         "bias_update_stop_fraction",
         "bias_quantile_ema",
         "bias_update_momentum",
+        "bias_quantile_solver",
+        "bias_quantile_histogram_bins",
+        "bias_quantile_histogram_range",
     ):
         assert getattr(stock.settings, name) == getattr(defaults, name), name
     explicit = LossFreeBalancer(build_tiny_model("deepseek_v3"), BalancingSettings(bias_update_rule="error"))
@@ -160,6 +167,17 @@ def test_an_assignment_is_checked_like_the_constructor(model):
     assert balancer.rule == "sign"
     balancer.update_rate = 1e-2
     assert balancer.settings.bias_update_rate == 1e-2
+
+
+def test_the_global_quantile_solver_is_refused_for_another_rule_at_assignment(model):
+    balancer = LossFreeBalancer(model)
+    with pytest.raises(ValueError, match="^bias_quantile_solver must be 'call_mean' unless bias_update_rule='quan"):
+        balancer.settings.bias_quantile_solver = "global_histogram"
+    balancer.rule = "quantile"
+    balancer.settings.bias_quantile_solver = "global_histogram"
+    with pytest.raises(ValueError, match="^bias_quantile_solver must be 'call_mean' unless"):
+        balancer.rule = "sign"
+    assert (balancer.rule, balancer.settings.bias_quantile_solver) == ("quantile", "global_histogram")
 
 
 def test_a_callback_rebuilt_from_its_checkpoint_state_has_the_same_settings():

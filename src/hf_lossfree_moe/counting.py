@@ -164,21 +164,24 @@ class QuantileHistograms:
             self._top_k[index] = top_k
 
     def take(self, device: torch.device) -> tuple[torch.Tensor, tuple[int, float]]:
-        """This step's (routers, E * (bins + 2) + 1) fp64 statistics on `device`, each row the flattened histogram
-        and the number of expert choices (tokens x K) behind it, with the step's `(bins, value_range)`; then
-        counting restarts."""
+        """`stacked(device)` with the step's `(bins, value_range)`, then counting restarts, with no `add` in between."""
         with self._lock:
-            layout = self.layout or self._current_layout()
-            cells = self.num_experts * (layout[0] + 2)
-            rows = [
-                torch.zeros(cells + 1, dtype=torch.float64, device=device)
-                if histogram is None
-                else torch.cat([histogram.reshape(-1), top_k * histogram[0].sum(dim=-1, keepdim=True)]).double()
-                for histogram, top_k in zip(self._histograms, self._top_k, strict=True)
-            ]
+            stacked, layout = self.stacked(device), self.layout or self._current_layout()
             self._histograms = [None] * len(self._histograms)
             self.layout = None
-        return stack_rows(rows, device, torch.float64), layout
+        return stacked, layout
+
+    def stacked(self, device: torch.device) -> torch.Tensor:
+        """(routers, E * (bins + 2) + 1) fp64 on `device`: each router's flattened histogram, then the number of
+        expert choices (tokens x K) behind it; zeros for a router without a call."""
+        bins = (self.layout or self._current_layout())[0]
+        rows = [
+            torch.zeros(self.num_experts * (bins + 2) + 1, dtype=torch.float64, device=device)
+            if histogram is None
+            else torch.cat([histogram.reshape(-1), top_k * histogram[0].sum(dim=-1, keepdim=True)]).double()
+            for histogram, top_k in zip(self._histograms, self._top_k, strict=True)
+        ]
+        return stack_rows(rows, device, torch.float64)
 
 
 class LoadMeasurement:
@@ -479,10 +482,14 @@ class TokenCounter:
         if solver is None:
             return
         bias = self._bias(index).reshape(-1)
-        if solver == "global_histogram":
-            self.histograms.add(index, read_scores(router, output), bias, topk_indices.size(-1), token_mask)
-            return
-        candidate = quantile_candidate(read_scores(router, output), bias, topk_indices.size(-1), token_mask)
+        # Without grad: under activation checkpointing, autograd must save nothing here (reading the scores from the
+        # logits would) that the recomputation, which returns above, does not.
+        with torch.no_grad():
+            scores = read_scores(router, output)
+            if solver == "global_histogram":
+                self.histograms.add(index, scores, bias, topk_indices.size(-1), token_mask)
+                return
+            candidate = quantile_candidate(scores, bias, topk_indices.size(-1), token_mask)
         if candidate is not None:
             self.candidates.add(index, candidate)
 
