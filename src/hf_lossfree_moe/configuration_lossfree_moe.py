@@ -126,6 +126,11 @@ class LossFreeMoeConfig(PreTrainedConfig):
         bias_quantile_anneal_steps (`int`, defaults to 0): Quantile Balancing only: with A > 0 the weight of the new
             candidate is 1 for the first A updates (the first one a warm start from the first batch's quantiles),
             then A / n at update n, never below `bias_quantile_ema`; 0 keeps the constant `bias_quantile_ema`.
+        batch_balance_iterations (`int`, defaults to 0): With I > 0, each training-mode forward routes its batch on
+            the bias that balances that batch, I fixed-point passes of Quantile Balancing's threshold on the batch's
+            own scores, started from the stored bias (BIP's per-batch dual); evaluation and generation route on the
+            stored bias, which Quantile Balancing (required) learns. Balanced from the first step, but a token's
+            training routing then depends on the other tokens of its batch. 0 routes on the stored bias.
         bias_type (`str`, defaults to `"additive"`): `"additive"`: select on `s + b`, b starts at 0;
             `"multiplicative"`: select on `s * b`, b starts at 1 (the paper's ablation).
         router_aux_loss_coef (`float`, *optional*): Weight alpha of the sequence-wise balance loss
@@ -222,6 +227,7 @@ class LossFreeMoeConfig(PreTrainedConfig):
     # Quantile Balancing's annealed weight: its scores drift fast early (track them) and its per-batch quantiles are
     # noisy late (average them); docs/balancing_rules.md has the measurements.
     bias_quantile_anneal_steps: int = 0
+    batch_balance_iterations: int = 0
     bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
@@ -374,6 +380,21 @@ class LossFreeMoeConfig(PreTrainedConfig):
                 "0 with load_balancing='expert_choice' (Expert Choice is balanced by construction)",
             )
 
+    def validate_batch_balance(self):
+        self._require(
+            _integer(self.batch_balance_iterations) and self.batch_balance_iterations >= 0,
+            "batch_balance_iterations",
+            "an integer >= 0 (0: route on the stored bias)",
+        )
+        if self.batch_balance_iterations > 0:
+            needs = (self.load_balancing, self.bias_update_rule, self.bias_type)
+            self._require(
+                needs == ("loss_free", "quantile", "additive"),
+                "batch_balance_iterations",
+                f"0 unless load_balancing='loss_free', {BATCH_BALANCE_NEEDS_QUANTILE} and bias_type='additive' (got "
+                f"{needs})",
+            )
+
     def validate_bias_update(self):
         for field, (accepts, allowed) in BALANCING_FIELD_CHECKS.items():
             self._require(accepts(getattr(self, field)), field, allowed)
@@ -434,6 +455,9 @@ QUANTILE_NEEDS_ADDITIVE = (
 )
 
 
+# A batch routed balanced counts balanced loads, which tell a count-driven rule nothing: only Quantile Balancing, which
+# reads the scores, learns the stored bias that evaluation and generation route on.
+BATCH_BALANCE_NEEDS_QUANTILE = "bias_update_rule='quantile'"
 ANNEAL_NEEDS_QUANTILE = "0 unless bias_update_rule='quantile' (it anneals Quantile Balancing's weight)"
 
 
