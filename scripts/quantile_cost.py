@@ -3,7 +3,8 @@
 For one router call it times what the balancer adds to the router's forward: the expert counts every rule needs, and
 for `bias_update_rule="quantile"` the scores read from `router_logits` plus the candidate bias (`quantile_candidate`);
 the router's own forward (logits, sigmoid, top-K) is timed alongside for scale. The per-step figures multiply by the
-number of MoE layers. It also times the update at the end of a step, every layer at once: the sign rule's and annealed
+number of MoE layers. With `batch_balance_iterations` I it times the I passes of the threshold a batch-balanced router
+adds to its training forward (`share_threshold_bias`). It also times the update at the end of a step, every layer at once: the sign rule's and annealed
 Quantile Balancing's. Memory: what the balancer keeps between router calls, and the largest transient tensors.
 
     python scripts/quantile_cost.py                        # DeepSeek-V3: 256 experts, top-8, 58 MoE layers, 4096 tokens
@@ -17,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hf_lossfree_moe.quantile_threshold import share_threshold_bias
 from hf_lossfree_moe.update_rules import quantile_candidate, quantile_weight, rule_update
 
 
@@ -45,8 +47,20 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--batch_balance_iterations", type=int, default=4, help="Passes of batch-balanced routing to time."
+    )
     args = parser.parse_args(argv)
-    for name in ("experts", "top_k", "layers", "tokens", "hidden_size", "repeats", "threads"):
+    for name in (
+        "batch_balance_iterations",
+        "experts",
+        "top_k",
+        "layers",
+        "tokens",
+        "hidden_size",
+        "repeats",
+        "threads",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.top_k >= args.experts:
@@ -73,6 +87,9 @@ def main(argv: list[str] | None = None):
     def quantile_statistics():
         return quantile_candidate(logits.float().sigmoid(), bias, args.top_k)
 
+    def batch_balanced_bias():
+        return share_threshold_bias(logits.float().sigmoid(), bias, args.top_k, passes=args.batch_balance_iterations)
+
     # The update at the end of a step, on the CPU as the balancer applies it: (layers, experts) loads and biases.
     step_loads = torch.randint(0, 2 * args.tokens * args.top_k // args.experts, (args.layers, args.experts))
     step_biases = torch.zeros(args.layers, args.experts, dtype=torch.float64)
@@ -90,6 +107,7 @@ def main(argv: list[str] | None = None):
     router = median_seconds(router_forward, args.repeats, args.device)
     counting = median_seconds(count, args.repeats, args.device)
     quantile = median_seconds(quantile_statistics, args.repeats, args.device)
+    batch_balance = median_seconds(batch_balanced_bias, args.repeats, args.device)
     sign_step = median_seconds(sign_update, args.repeats, "cpu")
     quantile_step = median_seconds(annealed_quantile_update, args.repeats, "cpu")
     kept_bytes = args.layers * (args.experts * (8 + 4) + 8)  # int64 counts, fp32 candidate sum, one call count
@@ -101,6 +119,10 @@ def main(argv: list[str] | None = None):
     print(f"router forward (bf16 weights, fp32 logits): {router * 1e3:8.2f} ms per call")
     print(f"counting (every rule):                      {counting * 1e3:8.2f} ms per call")
     print(f"quantile statistics:                        {quantile * 1e3:8.2f} ms per call")
+    print(
+        f"batch-balanced routing, {args.batch_balance_iterations} passes (training forwards): "
+        f"{batch_balance * 1e3:8.2f} ms per call, {batch_balance * args.layers * 1e3:.1f} ms per micro-batch"
+    )
     print(
         f"per micro-batch over {args.layers} layers: counting {counting * args.layers * 1e3:.1f} ms, quantile "
         f"statistics {quantile * args.layers * 1e3:.1f} ms (router forwards {router * args.layers * 1e3:.1f} ms)"

@@ -12,7 +12,10 @@ optionally stopping early, and records per optimizer step and MoE layer, from th
 - `target_gap`: max over experts of |b - q| with q the batch's own Quantile Balancing candidate, both centred (the
   bias error that routed this batch), and `target_move`: max |q_t - q_(t-1)| (how far the balancing bias moves in
   one step);
-- `logit_abs_mean`: mean |router logit|.
+- `logit_abs_mean`: mean |router logit|;
+- `stored_bias_maxvio`: the MaxVio the stored bias alone gives the batch (mean over layers), which differs from
+  `maxvio_batch` only under batch-balanced routing (`batch_balance_iterations`), where it says how balanced the
+  batch would have been with the bias that evaluation and generation use.
 
     python scripts/routing_dynamics.py --method loss_free --stop_step 120 --output dyn_sign.json
     python scripts/routing_dynamics.py --method loss_free_quantile --config '{"bias_quantile_anneal_steps": 100}' \
@@ -22,6 +25,7 @@ optionally stopping early, and records per optimizer step and MoE layer, from th
 import argparse
 import json
 import math
+import statistics
 import tempfile
 import time
 
@@ -31,6 +35,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from hf_lossfree_moe import add_balancing_callback, maxvio
 from hf_lossfree_moe.data import TextDataArguments
+from hf_lossfree_moe.quantile_threshold import share_threshold_bias
 from hf_lossfree_moe.update_rules import quantile_candidate
 from hf_lossfree_moe_scripts.reproduce.methods import METHODS, Method
 from hf_lossfree_moe_scripts.reproduce.runs import (
@@ -87,6 +92,7 @@ class DynamicsRecorder(TrainerCallback):
             "target_gap": (centred_bias - target).abs().max().item(),
             "target_move": None if previous is None else (target - previous).abs().max().item(),
             "logit_abs_mean": logits.float().abs().mean().item(),
+            "stored_bias_maxvio": maxvio_of([scores], bias[None], self.top_k),
         }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -95,7 +101,8 @@ class DynamicsRecorder(TrainerCallback):
         record = {"step": state.global_step, "lr": logs.get("learning_rate"), "maxvio_batch": logs["maxvio_batch"]}
         for key in self.current[0]:
             values = [layer[key] for layer in self.current if layer.get(key) is not None]
-            record[key] = max(values) if values else None
+            summary = statistics.mean if key == "stored_bias_maxvio" else max
+            record[key] = summary(values) if values else None
         self.steps.append(record)
         if self.stop_step is not None and state.global_step >= self.stop_step:
             control.should_training_stop = True
@@ -128,10 +135,8 @@ def maxvio_of(scores: list[torch.Tensor], biases: torch.Tensor, top_k: int) -> f
 
 def fixed_point_candidate(scores: torch.Tensor, bias: torch.Tensor, top_k: int, rounds: int = 20) -> torch.Tensor:
     """Quantile Balancing iterated on one set of tokens until the bias is its own candidate (centred)."""
-    for _ in range(rounds):
-        bias = quantile_candidate(scores, bias, top_k)
-        bias = bias - bias.mean()
-    return bias
+    bias = share_threshold_bias(scores, bias, top_k, passes=rounds)
+    return bias - bias.mean()
 
 
 def probe_held_out(model, routers, blocks, scale, top_k: int) -> dict:

@@ -69,7 +69,12 @@ def test_saved_code_files_carry_the_license_header(tmp_path, model):
     """The files a saved model carries for `trust_remote_code` start with the copyright line tools read."""
     model.save_pretrained(tmp_path)
     code_files = sorted(path.name for path in tmp_path.glob("*.py"))
-    assert code_files == ["configuration_lossfree_moe.py", "modeling_lossfree_moe.py", "sorted_experts.py"]
+    assert code_files == [
+        "configuration_lossfree_moe.py",
+        "modeling_lossfree_moe.py",
+        "quantile_threshold.py",
+        "sorted_experts.py",
+    ]
     for name in code_files:
         lines = (tmp_path / name).read_text().splitlines()
         assert lines[0] == "# Copyright 2026 The hf-lossfree-moe Authors. All rights reserved.", name

@@ -227,7 +227,9 @@ def test_ablation_selection():
     comparisons = select_comparisons(["all"])
     assert [c.name for c in comparisons] == ["main", *ABLATIONS]
     names = [method.name for method in methods_of(comparisons)]
-    assert len(names) == len(set(names)) == 16
+    assert len(names) == len(set(names))
+    # "all" reaches every method but the one kept for single trials (docs/balancing_rules.md, settings chosen)
+    assert set(names) == set(METHODS) - {"loss_free_quantile_no_ema"}
     assert [c.name for c in select_comparisons(["rule", "rule"])] == ["main", "rule"]
     assert [c.name for c in select_comparisons(["softmax,rule"])] == ["main", "softmax", "rule"]
     assert [c.name for c in select_comparisons([])] == ["main"]

@@ -85,6 +85,17 @@ METHODS = {
             },
         ),
         Method(
+            "loss_free_batch_balanced",
+            "Loss-Free, batch-balanced routing (4 passes) + annealed Quantile Balancing",
+            {
+                "load_balancing": "loss_free",
+                "bias_update_rule": "quantile",
+                "bias_quantile_ema": 0.01,
+                "bias_quantile_anneal_steps": 100,
+                "batch_balance_iterations": 4,
+            },
+        ),
+        Method(
             "loss_free_smebu",
             "Loss-Free, SMEBU-style (u=1e-2, momentum 0.9)",
             {"load_balancing": "loss_free", "bias_update_rule": "smebu", "bias_update_rate": 1e-2},
@@ -150,7 +161,13 @@ ABLATIONS = {
         Comparison(
             "rules",
             "Post-paper update rules",
-            ("loss_free", "loss_free_quantile", "loss_free_quantile_annealed", "loss_free_smebu"),
+            (
+                "loss_free",
+                "loss_free_quantile",
+                "loss_free_quantile_annealed",
+                "loss_free_batch_balanced",
+                "loss_free_smebu",
+            ),
         ),
     )
 }

@@ -117,7 +117,7 @@ class LossFreeBalancer:
         self.process_group = self._load_sum.group
         self.num_experts = _check_routers(model, found, self.settings.bias_update_rule)
         self._settings.add_assignment_check(
-            lambda name, value: _check_quantile_scores(found, value) if name == "bias_update_rule" else None
+            lambda name, value: _check_rule_reads_scores(found, value) if name == "bias_update_rule" else None
         )
         if not found[0].has_bias:
             _check_measure_only(model, requested)
@@ -346,12 +346,23 @@ def _check_routers(model: nn.Module, found: list[FoundRouter], rule: str) -> int
     num_experts = {r.num_experts for r in found}
     if len(num_experts) != 1:
         raise ValueError(f"Every router must have the same number of experts, got {sorted(num_experts)}.")
-    _check_quantile_scores(found, rule)
+    _check_rule_reads_scores(found, rule)
     return num_experts.pop()
 
 
-def _check_quantile_scores(found: list[FoundRouter], rule: str) -> None:
-    """`ValueError` when `rule` is Quantile Balancing and a router's scores cannot be read."""
+def _check_rule_reads_scores(found: list[FoundRouter], rule: str) -> None:
+    """`ValueError` when routers route their batches balanced (`batch_balance_iterations`) and `rule` is not Quantile
+    Balancing, whose candidates come from the scores: every other rule reads the counts, balanced by construction
+    there, and would leave the stored bias that evaluation routes on to noise. Also when `rule` is Quantile Balancing
+    and a router's scores cannot be read."""
+    balancing_batches = [r for r in found if getattr(r.module, "batch_balance_iterations", 0) > 0]
+    if balancing_batches and rule != "quantile":
+        first = balancing_batches[0]
+        raise ValueError(
+            f"bias_update_rule must be 'quantile' for routers that route each batch balanced ({first.name} has "
+            f"batch_balance_iterations={first.module.batch_balance_iterations}), got {rule!r}: the counts of a "
+            "balanced batch tell a count-driven rule nothing, so the bias used at evaluation would not learn."
+        )
     if rule != "quantile":
         return
     unreadable = [r for r in found if r.adapter.scores is None and scoring_function(r.module) is None]

@@ -136,6 +136,11 @@ class LossFreeMoeConfig(PreTrainedConfig):
         bias_quantile_histogram_range (`float`, defaults to 1.0): Half-width of the histogram's bins around each
             expert's current bias, the largest move `"global_histogram"` can ask of a bias in one update (a quantile
             beyond it asks for this much, with a warning).
+        batch_balance_iterations (`int`, defaults to 0): With I > 0, each training-mode forward routes its batch on
+            the bias that balances that batch, I fixed-point passes of Quantile Balancing's threshold on the batch's
+            own scores, started from the stored bias (BIP's per-batch dual); evaluation and generation route on the
+            stored bias, which Quantile Balancing (required) learns. Balanced from the first step, but a token's
+            training routing then depends on the other tokens of its batch. 0 routes on the stored bias.
         bias_type (`str`, defaults to `"additive"`): `"additive"`: select on `s + b`, b starts at 0;
             `"multiplicative"`: select on `s * b`, b starts at 1 (the paper's ablation).
         router_aux_loss_coef (`float`, *optional*): Weight alpha of the sequence-wise balance loss
@@ -237,6 +242,7 @@ class LossFreeMoeConfig(PreTrainedConfig):
     bias_quantile_solver: BiasQuantileSolver = "call_mean"
     bias_quantile_histogram_bins: int = 1000
     bias_quantile_histogram_range: float | int = 1.0
+    batch_balance_iterations: int = 0
     bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
@@ -389,6 +395,21 @@ class LossFreeMoeConfig(PreTrainedConfig):
                 "0 with load_balancing='expert_choice' (Expert Choice is balanced by construction)",
             )
 
+    def validate_batch_balance(self):
+        self._require(
+            _integer(self.batch_balance_iterations) and self.batch_balance_iterations >= 0,
+            "batch_balance_iterations",
+            "an integer >= 0 (0: route on the stored bias)",
+        )
+        if self.batch_balance_iterations > 0:
+            needs = (self.load_balancing, self.bias_update_rule, self.bias_type)
+            self._require(
+                needs == ("loss_free", "quantile", "additive"),
+                "batch_balance_iterations",
+                f"0 unless load_balancing='loss_free', {BATCH_BALANCE_NEEDS_QUANTILE} and bias_type='additive' (got "
+                f"{needs})",
+            )
+
     def validate_bias_update(self):
         for field, (accepts, allowed) in BALANCING_FIELD_CHECKS.items():
             self._require(accepts(getattr(self, field)), field, allowed)
@@ -463,6 +484,9 @@ QUANTILE_NEEDS_ADDITIVE = (
 )
 
 
+# A batch routed balanced counts balanced loads, which tell a count-driven rule nothing: only Quantile Balancing, which
+# reads the scores, learns the stored bias that evaluation and generation route on.
+BATCH_BALANCE_NEEDS_QUANTILE = "bias_update_rule='quantile'"
 ANNEAL_NEEDS_QUANTILE = "0 unless bias_update_rule='quantile' (it anneals Quantile Balancing's weight)"
 
 

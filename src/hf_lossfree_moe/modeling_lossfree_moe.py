@@ -55,6 +55,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .quantile_threshold import share_threshold_bias
 from .sorted_experts import SORTED_MM
 
 
@@ -102,6 +103,11 @@ class LossFreeMoeTopkRouter(nn.Module):
 
     `forward(hidden_states (T, H)) -> (router_logits (T, E), topk_weights (T, K), topk_indices (T, K))`, the
     contract of transformers' DeepSeek-V3 router, so `LossFreeBalancer` treats both alike.
+
+    With `batch_balance_iterations` > 0, a training-mode forward routes on the bias that balances its own batch
+    (quantile_threshold.py, started from the stored bias; padding left out by `token_mask`): the batch is balanced
+    from the first step, at the price of routing each token on statistics of the whole batch. Evaluation and
+    generation route on the stored bias alone.
     """
 
     def __init__(self, config: LossFreeMoeConfig):
@@ -115,6 +121,7 @@ class LossFreeMoeTopkRouter(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.scoring_func = config.scoring_func
         self.multiplicative = config.bias_type == "multiplicative"
+        self.batch_balance_iterations = config.batch_balance_iterations
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
         # Persistent and fp32 in every load_balancing mode: checkpoints stay interchangeable, and 1e-3 steps
         # survive (in bf16, 1.0 + 1e-3 == 1.0).
@@ -131,9 +138,12 @@ class LossFreeMoeTopkRouter(nn.Module):
         return routing_scores(router_logits, self.scoring_func)
 
     @torch.no_grad()
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Indices of the top-K experts of the biased scores, within the best `topk_group` groups."""
         bias = self.e_score_correction_bias
+        if self.training and self.batch_balance_iterations > 0:
+            balanced = share_threshold_bias(scores, bias, self.top_k, token_mask, self.batch_balance_iterations)
+            bias = bias if balanced is None else balanced
         scores_for_choice = scores * bias if self.multiplicative else scores + bias  # (T, E)
         if self.n_group > 1:
             grouped = scores_for_choice.view(-1, self.n_group, self.num_experts // self.n_group)  # (T, G, E/G)
@@ -145,10 +155,13 @@ class LossFreeMoeTopkRouter(nn.Module):
             scores_for_choice = grouped.view(-1, self.num_experts)
         return scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices  # (T, K)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`token_mask` (T,) or (B, S), 0 for padding, is read by batch-balanced routing only."""
         router_logits = fp32_router_logits(hidden_states.reshape(-1, self.hidden_dim), self.weight)  # (T, E)
         scores = self.score(router_logits)  # (T, E)
-        topk_indices = self.select(scores)  # (T, K)
+        topk_indices = self.select(scores, token_mask)  # (T, K)
         topk_weights = scores.gather(1, topk_indices)  # (T, K): unbiased scores, the bias never weights
         if self.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -299,13 +312,14 @@ class LossFreeMoeSparseMoeBlock(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states (B, S, H); token_mask (B, S), 0 for padding, is read by Expert Choice routing only."""
+        """hidden_states (B, S, H); token_mask (B, S), 0 for padding, keeps padding out of Expert Choice and
+        batch-balanced routing."""
         batch_shape = hidden_states.shape
         flat = hidden_states.reshape(-1, batch_shape[-1])  # (T, H)
         if self.expert_choice:
             _, topk_weights, topk_indices = self.gate(hidden_states, token_mask)
         else:
-            _, topk_weights, topk_indices = self.gate(flat)
+            _, topk_weights, topk_indices = self.gate(flat, token_mask)
         output = self.experts(flat, topk_indices, topk_weights).view(batch_shape)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
@@ -391,7 +405,7 @@ class LossFreeMoeDecoderLayer(GradientCheckpointingLayer):
         token_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        """`token_mask` (B, S), 0 for padding, keeps padding out of Expert Choice routing."""
+        """`token_mask` (B, S), 0 for padding, keeps padding out of Expert Choice and batch-balanced routing."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),

@@ -34,6 +34,7 @@ from typing import get_args
 import torch
 
 from .configuration_lossfree_moe import BiasUpdateRule, BiasUpdateSchedule, check_balancing_field
+from .quantile_threshold import share_threshold_bias
 
 
 UPDATE_RULES = get_args(BiasUpdateRule)
@@ -111,34 +112,13 @@ def quantile_weight(update: int, ema: float, anneal_steps: int = 0) -> float:
     return max(ema, min(1.0, anneal_steps / update))
 
 
-@torch.no_grad()
 def quantile_candidate(
     scores: torch.Tensor, bias: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """Quantile Balancing's candidate bias `-beta` (E,) fp32 from one router call, or None when it has none.
-
-    Args:
-        scores: (T, E) routing scores s, the unbiased ones the router selects on with `s + bias`.
-        bias: (E,) the router's current additive bias.
-        top_k: K, experts per token.
-        token_mask: (T,) nonzero for real tokens; padding rows are left out.
-
-    With T real tokens and a share of `ceil(T K / E)` tokens per expert, there is no candidate when the share is T or
-    more (e.g. a single token): every expert could take every token.
-    """
-    scores = scores.float()
-    if token_mask is not None:
-        scores = scores[token_mask.to(scores.device) != 0]
-    num_tokens, num_experts = scores.shape
-    share = math.ceil(num_tokens * top_k / num_experts)
-    if share >= num_tokens:
-        return None
-    biased = scores + bias.to(device=scores.device, dtype=torch.float32)  # (T, E)
-    cutoff = biased.topk(top_k + 1, dim=-1, sorted=True).values[:, -1:]  # (T, 1): alpha_t
-    # the (share + 1)-th largest of each column, with the columns made rows: contiguous top-k is the fastest way on CPU
-    residual = (scores - cutoff).T.contiguous()  # (E, T)
-    beta = residual.topk(share + 1, dim=-1, sorted=False).values.amin(dim=-1)  # (E,)
-    return -beta
+    """Quantile Balancing's candidate bias `-beta` (E,) fp32 from one router call, or None when it has none: one pass
+    of `share_threshold_bias` (scores (T, E), the router's current bias (E,), K, padding rows left out by
+    `token_mask`)."""
+    return share_threshold_bias(scores, bias, top_k, token_mask)
 
 
 @torch.no_grad()
