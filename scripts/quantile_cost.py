@@ -6,6 +6,9 @@ the router's own forward (logits, sigmoid, top-K) is timed alongside for scale. 
 number of MoE layers. With `batch_balance_iterations` I it times the I passes of the threshold a batch-balanced router
 adds to its training forward (`share_threshold_bias`). It also times the update at the end of a step, every layer at once: the sign rule's and annealed
 Quantile Balancing's. Memory: what the balancer keeps between router calls, and the largest transient tensors.
+The global solver (`bias_quantile_solver="global_histogram"`) is timed beside the per-call one: its per-call histogram
+(`quantile_histogram`, added to the step's) and, at the end of the step, the thresholds of every layer read off the
+summed histograms (`histogram_thresholds`); with the memory its histograms keep and the size of the step's collective.
 
     python scripts/quantile_cost.py                        # DeepSeek-V3: 256 experts, top-8, 58 MoE layers, 4096 tokens
     python scripts/quantile_cost.py --tokens 16384 --device cuda
@@ -18,8 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hf_lossfree_moe.bias_update import histogram_thresholds
 from hf_lossfree_moe.quantile_threshold import share_threshold_bias
-from hf_lossfree_moe.update_rules import quantile_candidate, quantile_weight, rule_update
+from hf_lossfree_moe.update_rules import quantile_candidate, quantile_histogram, quantile_weight, rule_update
 
 
 def median_seconds(function, repeats: int, device: str) -> float:
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument(
         "--batch_balance_iterations", type=int, default=4, help="Passes of batch-balanced routing to time."
     )
+    parser.add_argument("--histogram_bins", type=int, default=1000, help="bias_quantile_histogram_bins")
+    parser.add_argument("--histogram_range", type=float, default=1.0, help="bias_quantile_histogram_range")
     args = parser.parse_args(argv)
     for name in (
         "batch_balance_iterations",
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None):
         "hidden_size",
         "repeats",
         "threads",
+        "histogram_bins",
     ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
@@ -87,6 +94,12 @@ def main(argv: list[str] | None = None):
     def quantile_statistics():
         return quantile_candidate(logits.float().sigmoid(), bias, args.top_k)
 
+    step_histogram = torch.zeros(args.experts, args.histogram_bins + 2, dtype=torch.int32, device=device)
+
+    def global_statistics():
+        scores = logits.float().sigmoid()
+        step_histogram.add_(quantile_histogram(scores, bias, args.top_k, args.histogram_bins, args.histogram_range))
+
     def batch_balanced_bias():
         return share_threshold_bias(logits.float().sigmoid(), bias, args.top_k, passes=args.batch_balance_iterations)
 
@@ -96,6 +109,13 @@ def main(argv: list[str] | None = None):
     step_candidates = torch.randn(
         args.layers, args.experts, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
+
+    # What the step's one collective returns for the global solver: every layer's histogram and expert choices, fp64.
+    one_layer = torch.cat([step_histogram.reshape(-1).double(), torch.tensor([args.tokens * args.top_k * 1.0])])
+    step_histograms = one_layer.expand(args.layers, -1).clone()  # (layers, E * (bins + 2) + 1)
+
+    def global_thresholds():
+        return histogram_thresholds(step_histograms, args.experts, args.histogram_range)
 
     def sign_update():
         return rule_update("sign", step_loads, step_biases, 1e-3)
@@ -108,6 +128,8 @@ def main(argv: list[str] | None = None):
     counting = median_seconds(count, args.repeats, args.device)
     quantile = median_seconds(quantile_statistics, args.repeats, args.device)
     batch_balance = median_seconds(batch_balanced_bias, args.repeats, args.device)
+    global_call = median_seconds(global_statistics, args.repeats, args.device)
+    global_step = median_seconds(global_thresholds, args.repeats, "cpu")
     sign_step = median_seconds(sign_update, args.repeats, "cpu")
     quantile_step = median_seconds(annealed_quantile_update, args.repeats, "cpu")
     kept_bytes = args.layers * (args.experts * (8 + 4) + 8)  # int64 counts, fp32 candidate sum, one call count
@@ -134,6 +156,18 @@ def main(argv: list[str] | None = None):
     print(
         f"memory kept between router calls: {kept_bytes / 2**10:.0f} KiB; largest transient tensors per call: "
         f"{transient_bytes / 2**20:.1f} MiB, freed before the next layer"
+    )
+    histogram_bytes = args.layers * args.experts * (args.histogram_bins + 2) * 4  # int32, one histogram per layer
+    collective_values = args.layers * (args.experts + 1 + args.experts * (args.histogram_bins + 2) + 1)
+    print(
+        f"global solver, {args.histogram_bins} bins over +-{args.histogram_range:g} (width "
+        f"{2 * args.histogram_range / args.histogram_bins:g}): histogram {global_call * 1e3:8.2f} ms per call, "
+        f"{global_call * args.layers * 1e3:.1f} ms per micro-batch; thresholds of all {args.layers} layers at the end "
+        f"of a step {global_step * 1e3:.1f} ms"
+    )
+    print(
+        f"global solver memory kept between router calls: {histogram_bytes / 2**20:.1f} MiB of histograms; the step's "
+        f"collective: {collective_values} fp64 values, {collective_values * 8 / 2**20:.1f} MiB"
     )
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -130,9 +130,8 @@ def histogram_thresholds(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`"global_histogram"`: `histogram_margin_quantiles` of the summed (L, E * (bins + 2) + 1) statistics: (L, E)
     margins (the candidate is the bias minus them), (L,) which layers have one and which lay beyond the range."""
-    counts = summed.round().long()  # exact integers
-    histograms = counts[:, :-1].reshape(counts.size(0), num_experts, -1)  # (L, E, bins + 2)
-    return histogram_margin_quantiles(histograms, counts[:, -1], value_range)
+    histograms = summed[:, :-1].reshape(summed.size(0), num_experts, -1)  # (L, E, bins + 2), exact integers in fp64
+    return histogram_margin_quantiles(histograms, summed[:, -1], value_range)
 
 
 def load_statistics(loads: torch.Tensor, layers: list[int], factor: float) -> dict[str, float]:

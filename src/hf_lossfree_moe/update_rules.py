@@ -166,9 +166,9 @@ def histogram_margin_quantiles(
     """Each expert's threshold margin over the whole step, read off its summed histogram.
 
     Args:
-        histograms: (L, E, bins + 2) int64 margin counts of the step, summed over its router calls and the ranks
-            (`quantile_histogram`'s layout).
-        choices: (L,) int64 expert choices behind them, tokens x K.
+        histograms: (L, E, bins + 2) margin counts of the step, summed over its router calls and the ranks
+            (`quantile_histogram`'s layout): integers, or the integer-valued fp64 sums of the collective.
+        choices: (L,) expert choices behind them, tokens x K.
         value_range: The half-width the histograms were binned with.
 
     Returns:
@@ -181,22 +181,24 @@ def histogram_margin_quantiles(
         A threshold in bin 0 or `bins + 1` is known only to lie beyond the range: d is set to its edge. A layer has
         no threshold when the share is T or more (every expert could take every token) or it counted no token.
     """
-    bins = histograms.size(-1) - 2
+    num_layers, num_experts, cells = histograms.shape
+    bins = cells - 2
     width = 2 * value_range / bins
-    tokens = histograms[:, 0].sum(dim=-1)  # (L,): every token counts once per expert
-    num_experts = histograms.size(1)
-    share = ((choices + num_experts - 1) // num_experts).unsqueeze(-1).unsqueeze(-1)  # (L, 1, 1), exact
-    above = histograms.flip(-1).cumsum(dim=-1).flip(-1) - histograms  # (L, E, bins + 2): counts in higher bins
-    holds = (above <= share) & (share < above + histograms)  # the bin of the (share + 1)-th largest margin
-    index = holds.long().argmax(dim=-1, keepdim=True)  # (L, E, 1)
-    counts_above = above.gather(-1, index).double()
-    in_bin = histograms.gather(-1, index).clamp(min=1).double()
+    tokens = histograms[:, 0].sum(dim=-1).long()  # (L,): every token counts once per expert
+    share = (choices.long() + num_experts - 1) // num_experts  # (L,), exact
+    cumulative = histograms.cumsum(dim=-1)  # (L, E, bins + 2): counts in a bin and the bins below it
+    # the (share + 1)-th largest lies in the first bin with at least T - share counts at or below its top
+    targets = (tokens - share).view(-1, 1, 1).expand(num_layers, num_experts, 1).to(histograms.dtype).contiguous()
+    index = torch.searchsorted(cumulative, targets).clamp_(max=cells - 1)  # (L, E, 1)
+    in_bin = histograms.gather(-1, index).double()
+    counts_above = tokens.view(-1, 1, 1).double() - cumulative.gather(-1, index).double()
     upper_edge = -value_range + index.double() * width  # bin j >= 1 covers [-range + (j - 1) w, -range + j w)
-    margins = (upper_edge - width * (share.double() - counts_above) / in_bin).squeeze(-1)  # (L, E)
+    fraction = (share.view(-1, 1, 1).double() - counts_above) / in_bin.clamp(min=1)
+    margins = (upper_edge - width * fraction).squeeze(-1)  # (L, E)
     index = index.squeeze(-1)
     below, beyond = index == 0, index == bins + 1
     margins = torch.where(below, -value_range, torch.where(beyond, value_range, margins))
-    has_threshold = (tokens > 0) & (share.flatten() < tokens)
+    has_threshold = (tokens > 0) & (share < tokens)
     out_of_range = (below | beyond).any(dim=-1) & has_threshold
     return margins, has_threshold, out_of_range
 
