@@ -10,7 +10,9 @@ apart from the training counts, e.g. over a validation set.
 What a forward counts depends only on its own thread: each thread has its own stack of padding masks, generation
 calls and measurements, so a sampling thread's `generate()` (async RL) never lends its mask to, hides, or takes the
 training forwards of the trainer's thread. A training call whose router scores hold a NaN or an infinity is recorded
-per router, so that `step()` leaves that layer's bias alone instead of updating it from garbage routing.
+per router, so that `step()` leaves that layer's bias alone instead of updating it from garbage routing. Quantile
+Balancing's statistics (each call's candidate, or the margin histograms of the global solver) come from the same
+training calls, computed without grad.
 """
 
 import contextlib
