@@ -108,6 +108,10 @@ class DynamicsRecorder(TrainerCallback):
             control.should_training_stop = True
 
 
+# Consecutive blocks per chunk when the validation blocks are cut into two halves (half_to_half_maxvio).
+HALF_CHUNK_BLOCKS = 8
+
+
 @torch.no_grad()
 def collect_scores(model, routers, blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Per router, the (N * S, E) eval-mode scores of `blocks` (N, S), routed with the current biases."""
@@ -177,11 +181,28 @@ def probe_held_out(model, routers, blocks, scale, top_k: int) -> dict:
             "maxvio_train": maxvio_of(train_scores, bias, top_k),
             "max_abs_gap_to_train_global": (bias - bias.mean(dim=-1, keepdim=True) - train_global).abs().max().item(),
         }
+    result["val_half_to_half"] = half_to_half_maxvio(val_scores, final, top_k, scale.block_size)
     result["batch_candidate_std"] = torch.stack([c.std(dim=0).mean() for c in per_batch]).mean().item()
     result["final_bias_rms_gap_to_train_global"] = (centred_final - train_global).pow(2).mean().sqrt().item()
     result["train_global_rms_gap_to_val_oracle"] = (train_global - val_oracle).pow(2).mean().sqrt().item()
     result["val_score_token_std"] = torch.stack([s.std(dim=0).mean() for s in val_scores]).mean().item()
     return result
+
+
+def half_to_half_maxvio(scores: list[torch.Tensor], biases: torch.Tensor, top_k: int, block_size: int) -> float:
+    """MaxVio (mean over layers) of one half of the blocks routed with the bias that balances the other half exactly.
+
+    The halves alternate chunks of `HALF_CHUNK_BLOCKS` consecutive blocks, so each holds documents of every part of
+    the split but not the same documents: what a perfectly learnt bias leaves on text of the same distribution, the
+    floor of a held-out set of this size.
+    """
+    values = []
+    for layer_scores, bias in zip(scores, biases, strict=True):
+        chunk = torch.arange(layer_scores.size(0)) // (block_size * HALF_CHUNK_BLOCKS)
+        first, second = layer_scores[chunk % 2 == 0], layer_scores[chunk % 2 == 1]
+        balancing_second = fixed_point_candidate(second, bias, top_k)
+        values.append(maxvio_of([first], balancing_second[None], top_k))
+    return sum(values) / len(values)
 
 
 def held_out_maxvio(model, balancer, blocks, scale) -> dict:

@@ -1,6 +1,11 @@
 import torch
 
-from hf_lossfree_moe_scripts.routing_dynamics import fixed_point_candidate, maxvio_of
+from hf_lossfree_moe_scripts.routing_dynamics import (
+    HALF_CHUNK_BLOCKS,
+    fixed_point_candidate,
+    half_to_half_maxvio,
+    maxvio_of,
+)
 
 
 # Four tokens, four experts, top-1: unbiased, expert 0 has the top score of every token.
@@ -30,3 +35,17 @@ def test_fixed_point_candidate_gives_every_expert_about_its_share_of_the_batch()
     assert abs(bias.mean().item()) < 1e-6
     assert maxvio_of([scores], torch.zeros(1, 8), top_k=2) > 1.0
     assert maxvio_of([scores], bias.unsqueeze(0), top_k=2) <= 4 / 128
+
+
+def test_half_to_half_maxvio_is_zero_for_halves_alike_and_grows_with_their_difference():
+    # block_size 64: chunks of HALF_CHUNK_BLOCKS blocks (chunk tokens) alternate between the halves. Halves holding
+    # the same scores: the bias that balances one balances the other as well (to ties at the threshold, a few tokens
+    # of a share of chunk / 4). A half whose expert 0 scores 2 higher sends expert 0 every one of its tokens (top-1)
+    # against the other half's balancing bias: loads [chunk, 0, 0, 0], MaxVio 3.
+    chunk = HALF_CHUNK_BLOCKS * 64
+    rows = torch.rand(chunk, 4, generator=torch.Generator().manual_seed(0))
+    same = torch.cat([rows, rows])
+    assert half_to_half_maxvio([same], torch.zeros(1, 4), top_k=1, block_size=64) <= 4 / (chunk / 4)
+    shifted = same.clone()
+    shifted[:chunk, 0] += 2.0
+    assert half_to_half_maxvio([shifted], torch.zeros(1, 4), top_k=1, block_size=64) == 3.0
