@@ -123,10 +123,13 @@ def test_the_balancer_learns_the_stored_bias_as_without_batch_balancing(tiny_con
         (dict(batch_balance_iterations=-1), "an integer >= 0"),
         (dict(batch_balance_iterations=2), "bias_update_rule='quantile'"),
         (dict(batch_balance_iterations=2, bias_update_rule="quantile", load_balancing="aux_loss"), "loss_free"),
+        (dict(**BALANCED, batch_balance_steps=-3), "an integer >= 0"),
+        (dict(batch_balance_steps=100), "0 unless batch_balance_iterations > 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(tiny_config, overrides, message):
-    with pytest.raises(ValueError, match=rf"batch_balance_iterations must be .*{message}"):
+    field = "batch_balance_steps" if "batch_balance_steps" in overrides else "batch_balance_iterations"
+    with pytest.raises(ValueError, match=rf"{field} must be .*{message}"):
         tiny_config(**overrides)
 
 
@@ -140,6 +143,35 @@ def test_the_balancer_refuses_a_count_driven_rule_for_batch_balanced_routers(tin
     assert balancer.rule == "quantile"
 
 
+def test_the_balancer_ends_batch_balanced_routing_after_the_steps_and_restores_it_on_resume(tiny_config):
+    torch.manual_seed(0)
+    model = LossFreeMoeForCausalLM(tiny_config(**BALANCED, batch_balance_steps=2)).train()
+    balancer = LossFreeBalancer(model)
+    input_ids = torch.randint(3, model.config.vocab_size, (4, 16))
+    finished = []
+    for _ in range(3):
+        model(input_ids)
+        balancer.step()
+        finished.append([router.batch_balance_finished for router in model.routers()])
+    assert finished == [[False, False], [True, True], [True, True]]
+    router = model.routers()[0]
+    with torch.no_grad():
+        router.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, router.num_experts))  # far from balance
+    hidden = torch.randn(32, router.hidden_dim)
+    logits, _, indices = router(hidden)  # training mode, after the steps: the stored bias routes
+    on_stored = (logits.sigmoid() + router.e_score_correction_bias).topk(router.top_k, dim=-1, sorted=False).indices
+    assert torch.equal(indices, on_stored)
+    router.batch_balance_finished = False
+    assert not torch.equal(router(hidden)[2], on_stored)
+    state = balancer.state_dict()
+    balancer.completed_steps = 1  # set back, as a run resumed from step 1 would
+    assert [r.batch_balance_finished for r in model.routers()] == [False, False]
+    resumed = LossFreeBalancer(LossFreeMoeForCausalLM(tiny_config(**BALANCED, batch_balance_steps=2)).train())
+    resumed.load_state_dict(state)
+    assert [r.batch_balance_finished for r in resumed.routers] == [True, True]
+
+
 def test_the_setting_round_trips_through_a_saved_config(tmp_path, tiny_config):
-    tiny_config(**BALANCED).save_pretrained(tmp_path)
-    assert LossFreeMoeConfig.from_pretrained(tmp_path).batch_balance_iterations == 4
+    tiny_config(**BALANCED, batch_balance_steps=50).save_pretrained(tmp_path)
+    loaded = LossFreeMoeConfig.from_pretrained(tmp_path)
+    assert (loaded.batch_balance_iterations, loaded.batch_balance_steps) == (4, 50)

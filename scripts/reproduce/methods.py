@@ -96,6 +96,18 @@ METHODS = {
             },
         ),
         Method(
+            "loss_free_batch_balanced_early",
+            "Loss-Free, batch-balanced routing for 200 steps + annealed Quantile Balancing",
+            {
+                "load_balancing": "loss_free",
+                "bias_update_rule": "quantile",
+                "bias_quantile_ema": 0.01,
+                "bias_quantile_anneal_steps": 100,
+                "batch_balance_iterations": 4,
+                "batch_balance_steps": 200,
+            },
+        ),
+        Method(
             "loss_free_smebu",
             "Loss-Free, SMEBU-style (u=1e-2, momentum 0.9)",
             {"load_balancing": "loss_free", "bias_update_rule": "smebu", "bias_update_rate": 1e-2},
@@ -166,6 +178,7 @@ ABLATIONS = {
                 "loss_free_quantile",
                 "loss_free_quantile_annealed",
                 "loss_free_batch_balanced",
+                "loss_free_batch_balanced_early",
                 "loss_free_smebu",
             ),
         ),

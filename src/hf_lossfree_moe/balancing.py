@@ -217,6 +217,7 @@ class LossFreeBalancer:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"completed_steps must be an integer >= 0, got {value!r}.")
         self._update.completed_steps = value
+        self._end_batch_balance()
 
     def biases(self) -> torch.Tensor:
         """(routers, experts) fp32 copy of the current biases; (routers, 0) for routers without a bias."""
@@ -288,6 +289,7 @@ class LossFreeBalancer:
                     self._storage.warn_if_left_out_of_adapter(updated, stacklevel=2)
         if skipped:
             warn_non_finite(self.completed_steps, [self.layers[index] for index in skipped], stacklevel=2)
+        self._end_batch_balance()
         if self._routers[0].has_bias:
             stats.update(bias_statistics(self.biases(), self.bias_type, bool(updated)))
         else:
@@ -317,6 +319,15 @@ class LossFreeBalancer:
     def load_state_dict(self, state: dict):
         """Restore what `state_dict()` returned, e.g. when resuming from a checkpoint."""
         self._update.load_state_dict(state)
+        self._end_batch_balance()
+
+    def _end_batch_balance(self):
+        """Route training batches on the stored bias once `batch_balance_steps` steps are done (routers that have
+        the setting: this project's), and again on their own balancing bias if the count is set back."""
+        for router in self.routers:
+            steps = getattr(router, "batch_balance_steps", 0)
+            if steps > 0:
+                router.batch_balance_finished = self.completed_steps >= steps
 
     def _frozen_routers(self) -> torch.Tensor:
         """(routers,) bool: the routers whose bias stays: all when `frozen`, those with frozen weights when None."""

@@ -141,6 +141,9 @@ class LossFreeMoeConfig(PreTrainedConfig):
             own scores, started from the stored bias (BIP's per-batch dual); evaluation and generation route on the
             stored bias, which Quantile Balancing (required) learns. Balanced from the first step, but a token's
             training routing then depends on the other tokens of its batch. 0 routes on the stored bias.
+        batch_balance_steps (`int`, defaults to 0): With `batch_balance_iterations` > 0, the optimizer steps after
+            which `LossFreeBalancer` turns batch-balanced routing off, so that only the early steps, where the
+            routing would collapse, see their batch; 0 keeps it on for the whole run.
         bias_type (`str`, defaults to `"additive"`): `"additive"`: select on `s + b`, b starts at 0;
             `"multiplicative"`: select on `s * b`, b starts at 1 (the paper's ablation).
         router_aux_loss_coef (`float`, *optional*): Weight alpha of the sequence-wise balance loss
@@ -243,6 +246,7 @@ class LossFreeMoeConfig(PreTrainedConfig):
     bias_quantile_histogram_bins: int = 1000
     bias_quantile_histogram_range: float | int = 1.0
     batch_balance_iterations: int = 0
+    batch_balance_steps: int = 0
     bias_type: BiasType = "additive"
     router_aux_loss_coef: float | int | None = None
     output_router_logits: bool = False
@@ -400,6 +404,16 @@ class LossFreeMoeConfig(PreTrainedConfig):
             _integer(self.batch_balance_iterations) and self.batch_balance_iterations >= 0,
             "batch_balance_iterations",
             "an integer >= 0 (0: route on the stored bias)",
+        )
+        self._require(
+            _integer(self.batch_balance_steps) and self.batch_balance_steps >= 0,
+            "batch_balance_steps",
+            "an integer >= 0 (0: batch-balanced routing for the whole run)",
+        )
+        self._require(
+            self.batch_balance_steps == 0 or self.batch_balance_iterations > 0,
+            "batch_balance_steps",
+            "0 unless batch_balance_iterations > 0 (it ends batch-balanced routing)",
         )
         if self.batch_balance_iterations > 0:
             needs = (self.load_balancing, self.bias_update_rule, self.bias_type)

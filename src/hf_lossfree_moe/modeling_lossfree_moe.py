@@ -107,7 +107,8 @@ class LossFreeMoeTopkRouter(nn.Module):
     With `batch_balance_iterations` > 0, a training-mode forward routes on the bias that balances its own batch
     (quantile_threshold.py, started from the stored bias; padding left out by `token_mask`): the batch is balanced
     from the first step, at the price of routing each token on statistics of the whole batch. Evaluation and
-    generation route on the stored bias alone.
+    generation route on the stored bias alone, and so does training once `LossFreeBalancer` has set
+    `batch_balance_finished` after `batch_balance_steps` optimizer steps.
     """
 
     def __init__(self, config: LossFreeMoeConfig):
@@ -122,6 +123,8 @@ class LossFreeMoeTopkRouter(nn.Module):
         self.scoring_func = config.scoring_func
         self.multiplicative = config.bias_type == "multiplicative"
         self.batch_balance_iterations = config.batch_balance_iterations
+        self.batch_balance_steps = config.batch_balance_steps
+        self.batch_balance_finished = False
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
         # Persistent and fp32 in every load_balancing mode: checkpoints stay interchangeable, and 1e-3 steps
         # survive (in bf16, 1.0 + 1e-3 == 1.0).
@@ -141,7 +144,7 @@ class LossFreeMoeTopkRouter(nn.Module):
     def select(self, scores: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Indices of the top-K experts of the biased scores, within the best `topk_group` groups."""
         bias = self.e_score_correction_bias
-        if self.training and self.batch_balance_iterations > 0:
+        if self.training and self.batch_balance_iterations > 0 and not self.batch_balance_finished:
             balanced = share_threshold_bias(scores, bias, self.top_k, token_mask, self.batch_balance_iterations)
             bias = bias if balanced is None else balanced
         scores_for_choice = scores * bias if self.multiplicative else scores + bias  # (T, E)
