@@ -162,7 +162,7 @@ class QuantileHistograms:
                 self.layout = self._current_layout()
             histogram = quantile_histogram(scores, bias, top_k, *self.layout, token_mask)
             existing = self._histograms[index]
-            self._histograms[index] = histogram if existing is None else existing.to(histogram.device) + histogram
+            self._histograms[index] = histogram if existing is None else existing.to(histogram.device).add_(histogram)
             self._top_k[index] = top_k
 
     def take(self, device: torch.device) -> tuple[torch.Tensor, tuple[int, float]]:
