@@ -3,9 +3,10 @@ that batch, started from the stored bias; evaluation routes on the stored bias, 
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
-from hf_lossfree_moe.modeling_lossfree_moe import LossFreeMoeTopkRouter
+from hf_lossfree_moe.modeling_lossfree_moe import LossFreeMoeTopkRouter, sequence_balance_loss
 from hf_lossfree_moe.quantile_threshold import share_threshold_bias
 from hf_lossfree_moe.update_rules import quantile_candidate
 
@@ -175,3 +176,60 @@ def test_the_setting_round_trips_through_a_saved_config(tmp_path, tiny_config):
     tiny_config(**BALANCED, batch_balance_steps=50).save_pretrained(tmp_path)
     loaded = LossFreeMoeConfig.from_pretrained(tmp_path)
     assert (loaded.batch_balance_iterations, loaded.batch_balance_steps) == (4, 50)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_in_training_mode_routes_on_the_stored_bias(tiny_config, use_cache):
+    """RL trainers generate with the model in training mode: decoding routes one token per sequence at a time, so
+    only the stored bias gives the tokens that evaluation-mode generation gives."""
+    torch.manual_seed(0)
+    model = LossFreeMoeForCausalLM(tiny_config(**BALANCED))
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, router.num_experts))
+    prompt = torch.randint(3, model.config.vocab_size, (16, 6))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=use_cache)
+    with torch.no_grad():
+        in_eval = model.eval().generate(prompt, **kwargs)
+        in_training = model.train().generate(prompt, **kwargs)
+    assert torch.equal(in_training, in_eval)
+
+
+def test_a_training_forward_given_a_cache_routes_on_the_stored_bias(tiny_config):
+    """A cache passed in means decoding (generate, continuous batching): the batch is one step of many sequences."""
+    torch.manual_seed(0)
+    model = LossFreeMoeForCausalLM(tiny_config(**BALANCED))
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, router.num_experts))
+    input_ids = torch.randint(3, model.config.vocab_size, (16, 6))
+    with torch.no_grad():
+        in_eval = model.eval()(input_ids, cache=DynamicCache(config=model.config)).logits
+        in_training = model.train()(input_ids, cache=DynamicCache(config=model.config)).logits
+        balanced = model(input_ids).logits
+    assert torch.equal(in_training, in_eval)
+    assert not torch.equal(balanced, in_eval)  # without a cache the same batch is routed balanced
+
+
+def test_the_sequence_wise_balance_loss_reads_the_routing_the_experts_ran(tiny_config):
+    """DeepSeek-V3's complementary sequence-wise loss beside batch-balanced routing: its f_i counts the choices the
+    router made, which left the padding out of the batch's bias."""
+    torch.manual_seed(0)
+    model = LossFreeMoeForCausalLM(tiny_config(**BALANCED, router_aux_loss_coef=1e-4)).train()
+    input_ids = torch.randint(3, model.config.vocab_size, (4, 12))
+    mask = torch.ones_like(input_ids)
+    mask[:2, 6:] = 0
+    routed = []
+    hooks = [r.register_forward_hook(lambda m, a, out: routed.append(out)) for r in model.routers()]
+    with torch.no_grad():
+        aux_loss = model(input_ids, attention_mask=mask, labels=input_ids).aux_loss
+    for hook in hooks:
+        hook.remove()
+    expected = sum(
+        sequence_balance_loss(
+            logits.sigmoid().view(4, 12, -1), indices.view(4, 12, -1), mask, 8, normalize_scores=True
+        )
+        for logits, _, indices in routed
+    )
+    torch.testing.assert_close(aux_loss, expected, atol=0, rtol=0)
+

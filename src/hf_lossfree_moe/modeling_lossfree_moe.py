@@ -107,8 +107,9 @@ class LossFreeMoeTopkRouter(nn.Module):
     With `batch_balance_iterations` > 0, a training-mode forward routes on the bias that balances its own batch
     (quantile_threshold.py, started from the stored bias; padding left out by `token_mask`): the batch is balanced
     from the first step, at the price of routing each token on statistics of the whole batch. Evaluation and
-    generation route on the stored bias alone, and so does training once `LossFreeBalancer` has set
-    `batch_balance_finished` after `batch_balance_steps` optimizer steps.
+    generation route on the stored bias alone (the model passes `balance_batch=False` when decoding, in training mode
+    too), and so does training once `LossFreeBalancer` has set `batch_balance_finished` after `batch_balance_steps`
+    optimizer steps.
     """
 
     def __init__(self, config: LossFreeMoeConfig):
@@ -141,10 +142,12 @@ class LossFreeMoeTopkRouter(nn.Module):
         return routing_scores(router_logits, self.scoring_func)
 
     @torch.no_grad()
-    def select(self, scores: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def select(
+        self, scores: torch.Tensor, token_mask: torch.Tensor | None = None, balance_batch: bool = True
+    ) -> torch.Tensor:
         """Indices of the top-K experts of the biased scores, within the best `topk_group` groups."""
         bias = self.e_score_correction_bias
-        if self.training and self.batch_balance_iterations > 0 and not self.batch_balance_finished:
+        if balance_batch and self.training and self.batch_balance_iterations > 0 and not self.batch_balance_finished:
             balanced = share_threshold_bias(scores, bias, self.top_k, token_mask, self.batch_balance_iterations)
             bias = bias if balanced is None else balanced
         scores_for_choice = scores * bias if self.multiplicative else scores + bias  # (T, E)
@@ -159,12 +162,13 @@ class LossFreeMoeTopkRouter(nn.Module):
         return scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices  # (T, K)
 
     def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, balance_batch: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`token_mask` (T,) or (B, S), 0 for padding, is read by batch-balanced routing only."""
+        """`token_mask` (T,) or (B, S), 0 for padding, is read by batch-balanced routing only; `balance_batch=False`
+        routes on the stored bias in training mode too (decoding)."""
         router_logits = fp32_router_logits(hidden_states.reshape(-1, self.hidden_dim), self.weight)  # (T, E)
         scores = self.score(router_logits)  # (T, E)
-        topk_indices = self.select(scores, token_mask)  # (T, K)
+        topk_indices = self.select(scores, token_mask, balance_batch)  # (T, K)
         topk_weights = scores.gather(1, topk_indices)  # (T, K): unbiased scores, the bias never weights
         if self.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -314,15 +318,17 @@ class LossFreeMoeSparseMoeBlock(nn.Module):
             else None
         )
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, balance_batch: bool = True
+    ) -> torch.Tensor:
         """hidden_states (B, S, H); token_mask (B, S), 0 for padding, keeps padding out of Expert Choice and
-        batch-balanced routing."""
+        batch-balanced routing; `balance_batch=False` turns batch-balanced routing off (decoding)."""
         batch_shape = hidden_states.shape
         flat = hidden_states.reshape(-1, batch_shape[-1])  # (T, H)
         if self.expert_choice:
             _, topk_weights, topk_indices = self.gate(hidden_states, token_mask)
         else:
-            _, topk_weights, topk_indices = self.gate(flat, token_mask)
+            _, topk_weights, topk_indices = self.gate(flat, token_mask, balance_batch)
         output = self.experts(flat, topk_indices, topk_weights).view(batch_shape)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
@@ -406,9 +412,11 @@ class LossFreeMoeDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         token_mask: torch.Tensor | None = None,
+        balance_batch: bool = True,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        """`token_mask` (B, S), 0 for padding, keeps padding out of Expert Choice and batch-balanced routing."""
+        """`token_mask` (B, S), 0 for padding, keeps padding out of Expert Choice and batch-balanced routing;
+        `balance_batch=False` turns batch-balanced routing off (decoding)."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -421,7 +429,7 @@ class LossFreeMoeDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         normed = self.post_attention_layernorm(hidden_states)
-        return hidden_states + (self.mlp(normed, token_mask) if self.is_moe else self.mlp(normed))
+        return hidden_states + (self.mlp(normed, token_mask, balance_batch) if self.is_moe else self.mlp(normed))
 
 
 class LossFreeMoePreTrainedModel(PreTrainedModel):
@@ -517,10 +525,18 @@ class LossFreeMoeModel(LossFreeMoePreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        balance_batch: bool = True,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
+        r"""
+        balance_batch (`bool`, defaults to `True`):
+            Whether training-mode routers may route this batch balanced (`batch_balance_iterations`). A forward given
+            a cache decodes (`generate()`, continuous batching) and routes on the stored bias, as `generate()` without
+            a cache does by passing False: one decoding step of many sequences is no batch to balance.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        balance_batch = balance_batch and cache is None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
@@ -551,6 +567,7 @@ class LossFreeMoeModel(LossFreeMoePreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 token_mask=token_mask,
+                balance_batch=balance_batch,
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
@@ -630,6 +647,7 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        balance_batch: bool = True,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         r"""
@@ -638,6 +656,8 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, GenerationMixin):
             also includes `router_aux_loss_coef * aux_loss`.
         output_router_logits (`bool`, *optional*):
             Return each MoE layer's router logits and the (unweighted) balance loss `aux_loss`.
+        balance_batch (`bool`, defaults to `True`):
+            See `LossFreeMoeModel.forward`; `generate()` passes False.
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -651,6 +671,7 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits or add_aux_loss,
+            balance_batch=balance_batch,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -662,7 +683,12 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, GenerationMixin):
 
         aux_loss = None
         if (output_router_logits or add_aux_loss) and self.config.load_balancing != "expert_choice":
-            aux_loss = self.balance_loss(outputs.router_logits, outputs.last_hidden_state.shape[:2], attention_mask)
+            aux_loss = self.balance_loss(
+                outputs.router_logits,
+                outputs.last_hidden_state.shape[:2],
+                attention_mask,
+                balance_batch=balance_batch and cache is None,
+            )
             if add_aux_loss:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 
@@ -679,19 +705,25 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, refused under Expert Choice routing: decoding routes a chunk of one new token
         per sequence, where training routed whole sequences with their future, so the text would come from a model
-        that never ran that way."""
+        that never ran that way. Its forwards pass `balance_batch=False`."""
         if self.config.load_balancing == "expert_choice":
             raise ValueError(
                 "LossFreeMoeConfig.load_balancing='expert_choice' cannot generate text: Expert Choice routing picks "
                 "tokens by looking at the whole sequence, future included. Train with 'loss_free', 'aux_loss' or "
                 "'none' to generate; use Expert Choice only to study its loss (docs/expert_choice.md)."
             )
-        return super().generate(*args, **kwargs)
+        # In training mode too (RL rollouts), with or without a cache: decoding routes on the stored bias.
+        return super().generate(*args, **{"balance_batch": False, **kwargs})
 
     def balance_loss(
-        self, router_logits: tuple[torch.Tensor, ...], batch_shape: torch.Size, attention_mask: torch.Tensor | None
+        self,
+        router_logits: tuple[torch.Tensor, ...],
+        batch_shape: torch.Size,
+        attention_mask: torch.Tensor | None,
+        balance_batch: bool = True,
     ) -> torch.Tensor:
-        """`sum over MoE layers of sequence_balance_loss`, padding excluded: the paper's L_balance / alpha."""
+        """`sum over MoE layers of sequence_balance_loss`, padding excluded: the paper's L_balance / alpha. The routing
+        is selected again as the forward selected it (`balance_batch`, padding left out of a balanced batch)."""
         batch_size, seq_len = batch_shape
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -699,7 +731,7 @@ class LossFreeMoeForCausalLM(LossFreeMoePreTrainedModel, GenerationMixin):
         total = 0.0
         for router, logits in zip(self.model.routers(), router_logits, strict=True):
             scores = router.score(logits)  # (T, E)
-            topk_indices = router.select(scores)  # (T, K)
+            topk_indices = router.select(scores, token_mask, balance_batch)  # (T, K)
             mask = torch.ones(batch_size, seq_len, device=scores.device) if token_mask is None else token_mask
             total = total + sequence_balance_loss(
                 scores.view(batch_size, seq_len, -1),
