@@ -165,10 +165,12 @@ class QuantileHistograms:
             self._histograms[index] = histogram if existing is None else existing.to(histogram.device).add_(histogram)
             self._top_k[index] = top_k
 
-    def take(self, device: torch.device) -> tuple[torch.Tensor, tuple[int, float]]:
-        """`stacked(device)` with the step's `(bins, value_range)`, then counting restarts, with no `add` in between."""
+    def take(self, device: torch.device | None) -> tuple[torch.Tensor | None, tuple[int, float]]:
+        """`stacked(device)` (None without a device: a step that reads no histogram builds none) with the step's
+        `(bins, value_range)`, then counting restarts, with no `add` in between."""
         with self._lock:
-            stacked, layout = self.stacked(device), self.layout or self._current_layout()
+            stacked = None if device is None else self.stacked(device)
+            layout = self.layout or self._current_layout()
             self._histograms = [None] * len(self._histograms)
             self.layout = None
         return stacked, layout
@@ -355,10 +357,8 @@ class TokenCounter:
         non_finite = self.train_counts.non_finite_calls(device)
         self.train_counts.reset()
         candidates = self.candidates.take(device if solver == "call_mean" else None)
-        histograms, layout = self.histograms.take(device)
-        quantile = torch.cat(candidates, dim=-1) if candidates is not None else None
-        if solver == "global_histogram":
-            quantile = histograms
+        histograms, layout = self.histograms.take(device if solver == "global_histogram" else None)
+        quantile = torch.cat(candidates, dim=-1) if candidates is not None else histograms
         with self._lock:
             ran_in_eval_mode, self.uncounted_eval_forwards = self.uncounted_eval_forwards, False
         return StepCounts(loads, non_finite, quantile, layout, ran_in_eval_mode)
