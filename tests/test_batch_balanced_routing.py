@@ -233,3 +233,14 @@ def test_the_sequence_wise_balance_loss_reads_the_routing_the_experts_ran(tiny_c
     )
     torch.testing.assert_close(aux_loss, expected, atol=0, rtol=0)
 
+
+def test_a_new_balancer_routes_its_first_steps_balanced_again(tiny_config):
+    """A balancer starts at step 0: the routers a previous balancer finished balance their batches again."""
+    torch.manual_seed(0)
+    model = LossFreeMoeForCausalLM(tiny_config(**BALANCED, batch_balance_steps=1)).train()
+    balancer = LossFreeBalancer(model)
+    model(torch.randint(3, model.config.vocab_size, (4, 16)))
+    balancer.step()
+    assert all(router.batch_balance_finished for router in model.routers())
+    LossFreeBalancer(model)
+    assert not any(router.batch_balance_finished for router in model.routers())

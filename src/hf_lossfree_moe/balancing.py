@@ -145,6 +145,7 @@ class LossFreeBalancer:
                 self.settings.bias_quantile_histogram_range,
             ),
         )
+        self._end_batch_balance()  # step 0: routers a previous balancer finished balance their batches again
 
     @property
     def settings(self) -> BalancingSettings:
