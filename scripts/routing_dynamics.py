@@ -108,10 +108,6 @@ class DynamicsRecorder(TrainerCallback):
             control.should_training_stop = True
 
 
-# Consecutive blocks per chunk when the validation blocks are cut into two halves (half_to_half_maxvio).
-HALF_CHUNK_BLOCKS = 8
-
-
 @torch.no_grad()
 def collect_scores(model, routers, blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Per router, the (N * S, E) eval-mode scores of `blocks` (N, S), routed with the current biases."""
@@ -181,7 +177,10 @@ def probe_held_out(model, routers, blocks, scale, top_k: int) -> dict:
             "maxvio_train": maxvio_of(train_scores, bias, top_k),
             "max_abs_gap_to_train_global": (bias - bias.mean(dim=-1, keepdim=True) - train_global).abs().max().item(),
         }
-    result["val_half_to_half"] = half_to_half_maxvio(val_scores, final, top_k, scale.block_size)
+    result["val_half_to_half"] = statistics.mean(
+        held_out_fold_maxvio(val_scores, final, top_k, scale.block_size, folds=2, chunk_blocks=8)
+    )
+    result["train_sample_floor"] = sample_floor(model, routers, blocks, scale, top_k, final, len(val))
     result["batch_candidate_std"] = torch.stack([c.std(dim=0).mean() for c in per_batch]).mean().item()
     result["final_bias_rms_gap_to_train_global"] = (centred_final - train_global).pow(2).mean().sqrt().item()
     result["train_global_rms_gap_to_val_oracle"] = (train_global - val_oracle).pow(2).mean().sqrt().item()
@@ -189,20 +188,39 @@ def probe_held_out(model, routers, blocks, scale, top_k: int) -> dict:
     return result
 
 
-def half_to_half_maxvio(scores: list[torch.Tensor], biases: torch.Tensor, top_k: int, block_size: int) -> float:
-    """MaxVio (mean over layers) of one half of the blocks routed with the bias that balances the other half exactly.
+def held_out_fold_maxvio(
+    scores: list[torch.Tensor], biases: torch.Tensor, top_k: int, block_size: int, folds: int, chunk_blocks: int
+) -> list[float]:
+    """Per fold, the MaxVio (mean over layers) of its blocks routed with the bias that balances all other blocks exactly.
 
-    The halves alternate chunks of `HALF_CHUNK_BLOCKS` consecutive blocks, so each holds documents of every part of
-    the split but not the same documents: what a perfectly learnt bias leaves on text of the same distribution, the
-    floor of a held-out set of this size.
+    The blocks are cut into chunks of `chunk_blocks` consecutive blocks, dealt to the folds in turn, so that every fold
+    holds text of every part of the corpus but none of the other folds' documents: what a perfectly learnt bias leaves
+    on held-out text of the same distribution and of a fold's size, by sampling alone.
     """
-    values = []
+    values = [[] for _ in range(folds)]
     for layer_scores, bias in zip(scores, biases, strict=True):
-        chunk = torch.arange(layer_scores.size(0)) // (block_size * HALF_CHUNK_BLOCKS)
-        first, second = layer_scores[chunk % 2 == 0], layer_scores[chunk % 2 == 1]
-        balancing_second = fixed_point_candidate(second, bias, top_k)
-        values.append(maxvio_of([first], balancing_second[None], top_k))
-    return sum(values) / len(values)
+        fold_of_token = torch.arange(layer_scores.size(0)) // (block_size * chunk_blocks) % folds
+        for fold in range(folds):
+            held_out = fold_of_token == fold
+            balancing_rest = fixed_point_candidate(layer_scores[~held_out], bias, top_k)
+            values[fold].append(maxvio_of([layer_scores[held_out]], balancing_rest[None], top_k))
+    return [statistics.mean(layers) for layers in values]
+
+
+def sample_floor(model, routers, blocks, scale, top_k: int, biases: torch.Tensor, held_out_blocks: int) -> dict:
+    """`held_out_fold_maxvio` over every training block, in folds of about the validation split's size (one block per
+    chunk: the split holds documents out one by one, and a document is about one block long here)."""
+    train = torch.tensor(blocks["train"]["input_ids"])
+    scores = collect_scores(model, routers, train, scale.eval_batch_size)
+    folds = max(2, len(train) // held_out_blocks)
+    values = held_out_fold_maxvio(scores, biases, top_k, scale.block_size, folds, chunk_blocks=1)
+    return {
+        "folds": folds,
+        "blocks_per_fold": len(train) / folds,
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values),
+        "per_fold": values,
+    }
 
 
 def held_out_maxvio(model, balancer, blocks, scale) -> dict:

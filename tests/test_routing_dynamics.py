@@ -1,9 +1,8 @@
 import torch
 
 from hf_lossfree_moe_scripts.routing_dynamics import (
-    HALF_CHUNK_BLOCKS,
     fixed_point_candidate,
-    half_to_half_maxvio,
+    held_out_fold_maxvio,
     maxvio_of,
 )
 
@@ -37,15 +36,17 @@ def test_fixed_point_candidate_gives_every_expert_about_its_share_of_the_batch()
     assert maxvio_of([scores], bias.unsqueeze(0), top_k=2) <= 4 / 128
 
 
-def test_half_to_half_maxvio_is_zero_for_halves_alike_and_grows_with_their_difference():
-    # block_size 64: chunks of HALF_CHUNK_BLOCKS blocks (chunk tokens) alternate between the halves. Halves holding
-    # the same scores: the bias that balances one balances the other as well (to ties at the threshold, a few tokens
-    # of a share of chunk / 4). A half whose expert 0 scores 2 higher sends expert 0 every one of its tokens (top-1)
-    # against the other half's balancing bias: loads [chunk, 0, 0, 0], MaxVio 3.
-    chunk = HALF_CHUNK_BLOCKS * 64
-    rows = torch.rand(chunk, 4, generator=torch.Generator().manual_seed(0))
-    same = torch.cat([rows, rows])
-    assert half_to_half_maxvio([same], torch.zeros(1, 4), top_k=1, block_size=64) <= 4 / (chunk / 4)
+def test_held_out_folds_alike_are_balanced_and_a_different_fold_is_not():
+    # 3 folds of chunks of 2 blocks of 64 tokens, dealt in turn: chunk c (128 tokens) goes to fold c % 3. Every fold
+    # holding the same scores: the bias that balances the other two balances it too (to ties at the threshold, a few
+    # tokens of a share of 64). A fold whose expert 0 scores 2 higher sends expert 0 every one of its tokens (top-1)
+    # against the others' balancing bias: loads [n, 0, 0, 0], MaxVio 3; the other folds lose a third of their
+    # reference, so they stay near balance, not at it.
+    rows = torch.rand(128, 4, generator=torch.Generator().manual_seed(0))
+    same = rows.repeat(3, 1)  # chunks 0, 1, 2: one per fold
+    folds = held_out_fold_maxvio([same], torch.zeros(1, 4), top_k=1, block_size=64, folds=3, chunk_blocks=2)
+    assert len(folds) == 3 and max(folds) <= 4 / 32
     shifted = same.clone()
-    shifted[:chunk, 0] += 2.0
-    assert half_to_half_maxvio([shifted], torch.zeros(1, 4), top_k=1, block_size=64) == 3.0
+    shifted[128:256, 0] += 2.0  # chunk 1, fold 1
+    folds = held_out_fold_maxvio([shifted], torch.zeros(1, 4), top_k=1, block_size=64, folds=3, chunk_blocks=2)
+    assert folds[1] == 3.0 and max(folds[0], folds[2]) < 1.0

@@ -182,6 +182,11 @@ ABLATIONS = {
                 "loss_free_smebu",
             ),
         ),
+        Comparison(
+            "batch_balance",
+            "Batch-balanced routing",
+            ("loss_free", "loss_free_quantile_annealed", "loss_free_batch_balanced_early"),
+        ),
     )
 }
 ABLATIONS["expert_choice"] = Comparison(
