@@ -49,6 +49,10 @@ from hf_lossfree_moe_scripts.reproduce.runs import (
 )
 
 
+# Consecutive training blocks dealt to one fold at a time by `sample_floor`.
+SAMPLE_FLOOR_CHUNKS = (1, 8, 32)
+
+
 class DynamicsRecorder(TrainerCallback):
     """Reads every training router call (one per layer per step here) and stops training at `stop_step`."""
 
@@ -208,19 +212,22 @@ def held_out_fold_maxvio(
 
 
 def sample_floor(model, routers, blocks, scale, top_k: int, biases: torch.Tensor, held_out_blocks: int) -> dict:
-    """`held_out_fold_maxvio` over every training block, in folds of about the validation split's size (one block per
-    chunk: the split holds documents out one by one, and a document is about one block long here)."""
+    """`held_out_fold_maxvio` over every training block, in folds of about the validation split's size, for chunks of
+    1, 8 and 32 consecutive blocks. A document spans one block or several, so one-block chunks share documents between
+    folds (a floor too low), while longer chunks hold whole documents out, as the validation split does, at the price
+    of fewer, larger units (a floor, if anything, too high)."""
     train = torch.tensor(blocks["train"]["input_ids"])
     scores = collect_scores(model, routers, train, scale.eval_batch_size)
     folds = max(2, len(train) // held_out_blocks)
-    values = held_out_fold_maxvio(scores, biases, top_k, scale.block_size, folds, chunk_blocks=1)
-    return {
-        "folds": folds,
-        "blocks_per_fold": len(train) / folds,
-        "mean": statistics.mean(values),
-        "std": statistics.stdev(values),
-        "per_fold": values,
-    }
+    result = {"folds": folds, "blocks_per_fold": len(train) / folds}
+    for chunk_blocks in SAMPLE_FLOOR_CHUNKS:
+        values = held_out_fold_maxvio(scores, biases, top_k, scale.block_size, folds, chunk_blocks)
+        result[f"chunk_{chunk_blocks}"] = {
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values),
+            "per_fold": values,
+        }
+    return result
 
 
 def held_out_maxvio(model, balancer, blocks, scale) -> dict:
