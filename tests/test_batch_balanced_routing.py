@@ -1,10 +1,13 @@
 """Batch-balanced routing (`batch_balance_iterations`): a training forward routes its batch on the bias that balances
 that batch, started from the stored bias; evaluation routes on the stored bias, which Quantile Balancing learns."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache
 
+from conftest import run_on_two_ranks
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
 from hf_lossfree_moe.modeling_lossfree_moe import LossFreeMoeTopkRouter, sequence_balance_loss
 from hf_lossfree_moe.quantile_threshold import share_threshold_bias
@@ -244,3 +247,18 @@ def test_a_new_balancer_routes_its_first_steps_balanced_again(tiny_config):
     assert all(router.batch_balance_finished for router in model.routers())
     LossFreeBalancer(model)
     assert not any(router.batch_balance_finished for router in model.routers())
+
+
+def test_two_data_parallel_ranks_step_like_one_process_with_two_micro_batches(tmp_path):
+    """Each rank balances the half it routes, as one process balances each micro-batch: the summed counts, the
+    Quantile Balancing candidates and so the biases are identical on both ranks and, to float rounding, those of one
+    process."""
+    from batch_balanced_ranks_scenario import run
+
+    ranks = run_on_two_ranks(Path(__file__).parent / "batch_balanced_ranks_scenario.py", tmp_path, timeout=300)
+    one_process = run((0, 1))
+    assert ranks[0] == ranks[1]
+    torch.testing.assert_close(torch.tensor(ranks[0]["biases"]), torch.tensor(one_process["biases"]))
+    assert ranks[0]["maxvio_batch"] == one_process["maxvio_batch"]
+    assert max(one_process["maxvio_batch"]) < 0.5  # the halves were routed balanced
+    assert one_process["biases"][1] != one_process["biases"][2]  # the stored biases kept moving
