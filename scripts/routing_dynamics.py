@@ -215,10 +215,15 @@ def sample_floor(model, routers, blocks, scale, top_k: int, biases: torch.Tensor
     """`held_out_fold_maxvio` over every training block, in folds of about the validation split's size, for chunks of
     1, 8 and 32 consecutive blocks. A document spans one block or several, so one-block chunks share documents between
     folds (a floor too low), while longer chunks hold whole documents out, as the validation split does, at the price
-    of fewer, larger units (a floor, if anything, too high)."""
+    of fewer, larger units (a floor, if anything, too high). Folds differ in size by up to one chunk."""
     train = torch.tensor(blocks["train"]["input_ids"])
     scores = collect_scores(model, routers, train, scale.eval_batch_size)
     folds = max(2, len(train) // held_out_blocks)
+    if len(train) < max(SAMPLE_FLOOR_CHUNKS) * folds:
+        raise ValueError(
+            f"The sampling floor needs at least {max(SAMPLE_FLOOR_CHUNKS) * folds} training blocks for {folds} folds "
+            f"of {max(SAMPLE_FLOOR_CHUNKS)}-block chunks, got {len(train)}."
+        )
     result = {"folds": folds, "blocks_per_fold": len(train) / folds}
     for chunk_blocks in SAMPLE_FLOOR_CHUNKS:
         values = held_out_fold_maxvio(scores, biases, top_k, scale.block_size, folds, chunk_blocks)

@@ -30,8 +30,10 @@ def half_batch(step: int, half: int) -> torch.Tensor:
 
 
 def model() -> LossFreeMoeForCausalLM:
-    torch.manual_seed(0)
-    return LossFreeMoeForCausalLM(LossFreeMoeConfig(**TINY, **SETTINGS)).train()
+    """The same initial weights in every process, without touching the caller's random state."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LossFreeMoeForCausalLM(LossFreeMoeConfig(**TINY, **SETTINGS)).train()
 
 
 def run(halves: tuple[int, ...]) -> dict:
