@@ -219,10 +219,11 @@ def sample_floor(model, routers, blocks, scale, top_k: int, biases: torch.Tensor
     train = torch.tensor(blocks["train"]["input_ids"])
     scores = collect_scores(model, routers, train, scale.eval_batch_size)
     folds = max(2, len(train) // held_out_blocks)
-    if len(train) < max(SAMPLE_FLOOR_CHUNKS) * folds:
+    largest_chunk = max(SAMPLE_FLOOR_CHUNKS)
+    if len(train) < largest_chunk * folds:
         raise ValueError(
-            f"The sampling floor needs at least {max(SAMPLE_FLOOR_CHUNKS) * folds} training blocks for {folds} folds "
-            f"of {max(SAMPLE_FLOOR_CHUNKS)}-block chunks, got {len(train)}."
+            f"The sampling floor needs at least {largest_chunk * folds} training blocks for {folds} folds of "
+            f"{largest_chunk}-block chunks, got {len(train)}."
         )
     result = {"folds": folds, "blocks_per_fold": len(train) / folds}
     for chunk_blocks in SAMPLE_FLOOR_CHUNKS:

@@ -6,14 +6,12 @@ micro-batch under gradient accumulation, then steps the balancer; test_batch_bal
 as two micro-batches of one process and compares the biases and the step's MaxVio_batch.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from conftest import TINY
+from conftest import TINY, write_rank_result
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
 
 
@@ -49,13 +47,5 @@ def run(halves: tuple[int, ...]) -> dict:
     return {"biases": biases, "maxvio_batch": maxvio_batch}
 
 
-def main(out_dir: Path):
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(run((rank,))))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    write_rank_result(Path(sys.argv[1]), lambda rank: run((rank,)))

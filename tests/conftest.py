@@ -2,10 +2,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hf_lossfree_moe import LossFreeMoeConfig, LossFreeMoeForCausalLM
@@ -140,4 +142,18 @@ def run_on_two_ranks(script: Path, out_dir: Path, timeout: int) -> list[dict]:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return [json.loads(rank_result_path(out_dir, rank).read_text()) for rank in range(2)]
+
+
+def rank_result_path(out_dir: Path, rank: int) -> Path:
+    return out_dir / f"rank{rank}.json"
+
+
+def write_rank_result(out_dir: Path, result_of_rank: Callable[[int], dict]) -> None:
+    """The body of a script `run_on_two_ranks` launches: joins the gloo group and writes `result_of_rank(rank)` where
+    `run_on_two_ranks` reads it."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    rank_result_path(out_dir, rank).write_text(json.dumps(result_of_rank(rank)))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -5,14 +5,12 @@ every step each rank routes its part of two micro-batches (6 and 7 of their 13 t
 records its biases; test_bias_update.py routes the whole micro-batches in one process and compares.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from conftest import ToyModel, ToyRouter
+from conftest import ToyModel, ToyRouter, write_rank_result
 from hf_lossfree_moe import LossFreeBalancer
 
 
@@ -49,15 +47,10 @@ def run(balancer: LossFreeBalancer, rows: slice) -> list:
     return biases
 
 
-def main(out_dir: Path):
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def rank_result(rank: int) -> dict:
     rows = slice(0, 6) if rank == 0 else slice(6, TOKENS)
-    biases = run(LossFreeBalancer(toy_model(), **SETTINGS), rows)
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({"biases": biases}))
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"biases": run(LossFreeBalancer(toy_model(), **SETTINGS), rows)}
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    write_rank_result(Path(sys.argv[1]), rank_result)

@@ -5,14 +5,12 @@ balancer, twice; per step it writes its local candidate sums and numbers of rout
 biases after.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from conftest import TINY
+from conftest import TINY, write_rank_result
 from hf_lossfree_moe import LossFreeBalancer, LossFreeMoeConfig, LossFreeMoeForCausalLM
 
 
@@ -26,9 +24,7 @@ def micro_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(first, torch.ones_like(first)), (second, second_mask)]
 
 
-def main(out_dir: Path):
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def rank_result(rank: int) -> dict:
     torch.manual_seed(0)
     # annealed with A = 1: the first update replaces the bias, the second blends with weight 1 / 2
     config = LossFreeMoeConfig(
@@ -46,10 +42,8 @@ def main(out_dir: Path):
         result["sums"].append(sums.tolist())
         result["calls"].append(calls.tolist())
         result["biases"].append(balancer.biases().tolist())
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    write_rank_result(Path(sys.argv[1]), rank_result)
